@@ -1,0 +1,15 @@
+//! @file
+//! Umbrella header of everything that compiles with a host compiler alone: core types, policy
+//! maths and the CPU reference. `kvc/kvc.cuh` adds the GPU store and kernels.
+#pragma once
+
+#include "kvc/version.hpp"
+#include "kvc/core/dtype.hpp"
+#include "kvc/core/macros.hpp"
+#include "kvc/core/math.hpp"
+#include "kvc/core/rope.hpp"
+#include "kvc/core/shape.hpp"
+#include "kvc/core/status.hpp"
+#include "kvc/policy/kind.hpp"
+#include "kvc/reference/attention.hpp"
+#include "kvc/reference/full.hpp"
