@@ -12,4 +12,8 @@
 #include "kvc/core/status.hpp"
 #include "kvc/policy/kind.hpp"
 #include "kvc/reference/attention.hpp"
+#include "kvc/reference/dmc.hpp"
 #include "kvc/reference/full.hpp"
+#include "kvc/reference/h2o.hpp"
+#include "kvc/reference/layer_cache.hpp"
+#include "kvc/reference/tova.hpp"
