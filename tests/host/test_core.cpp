@@ -451,7 +451,7 @@ TEST_SUITE("host") {
     }
   }
 
-  TEST_CASE("core rope: dot products depend only on the relative position; rotations compose") {
+  TEST_CASE("core rope: dot products depend only on the relative position, then rotations compose") {
     std::mt19937_64 rng(test::test_seed() + 4);
     INFO("seed " << test::test_seed());
     std::uniform_int_distribution<std::int64_t> position_dist(0, 4096);
@@ -556,7 +556,7 @@ TEST_SUITE("host") {
     CHECK(std::string(to_string(Status::kSuccess)) == "success");
   }
 
-  TEST_CASE("core policy configs: DMC, H2O and TOVA validate; PolicyConfig and parse_policy") {
+  TEST_CASE("core policy configs: DMC, H2O and TOVA validate, and PolicyConfig and parse_policy") {
     DmcConfig const checkpoint = DmcConfig::checkpoint();
     DmcConfig const paper = DmcConfig::paper();
     CHECK(checkpoint.validate(128) == Status::kSuccess);

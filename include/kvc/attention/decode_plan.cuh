@@ -1,0 +1,247 @@
+//! @file
+//! Work distribution of decode attention, planned on the device: the workspace layout and a
+//! one-block plan kernel that reads every (row, KV head) length, picks a chunk size from the
+//! total, splits long heads into equal chunks and writes a flat work list ordered by chunk size
+//! (largest first) for the persistent attention kernel. No host work grows with batch x heads
+//! and nothing goes back to the host.
+//!
+//! Chunking. T = sum of lengths, P = persistent grid (CTAs). The chunk bound is
+//!   C = max(kChunkQuantum, roundup(ceil(T / (kTargetWaves * P)), kChunkQuantum)).
+//! A head of length L > 0 gets n0 = min(ceil(L / C), kMaxSplits) chunks of equal size
+//! cs = roundup(ceil(L / n0), kChunkQuantum) (the last one shorter), n = ceil(L / cs) <= n0.
+//! Hence: work items <= T / C + heads <= kTargetWaves * P + heads, and partial records (only
+//! heads with n >= 2, where L > C) <= 2 T / C <= 2 * kTargetWaves * P. Both capacities are fixed
+//! by (heads, P) alone, so the workspace size never depends on the lengths.
+//! Chunk boundaries are multiples of kChunkQuantum slots, so every tile but a head's last is
+//! full and page-aligned for page sizes dividing kChunkQuantum.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "kvc/attention/decode_primitives.cuh"
+#include "kvc/core/macros.hpp"
+
+namespace kvc::detail {
+
+inline constexpr int kChunkQuantum = 64;   //!< chunk sizes and boundaries are multiples of this
+inline constexpr int kMaxSplits = 64;      //!< most chunks one head is split into
+inline constexpr int kTargetWaves = 4;     //!< aim for about this many chunks per CTA
+inline constexpr int kPlanThreads = 1024;  //!< the plan kernel's single block
+
+//! One unit of work: slots [begin, end) of one (batch row, KV head). 32 bytes.
+struct alignas(16) DecodeWorkItem {
+  int head;        //!< row * num_kv_heads + kv_head (the output's head group)
+  int cache_head;  //!< seq_slot * num_kv_heads + kv_head (row of lengths / page_table)
+  int begin;       //!< first slot
+  int end;         //!< one past the last slot
+  int chunk;       //!< index of this chunk within the head
+  int num_chunks;  //!< chunks of the head (1: the item writes the output itself)
+  int partial;     //!< first partial record of the head (num_chunks > 1)
+  int length;      //!< slots of the head
+};
+
+//! Device pointers into the caller's workspace.
+struct DecodeWorkspace {
+  int* counters = nullptr;            //!< [4]: work items, empty heads
+  int* head_length = nullptr;         //!< [heads] clamped length of each (row, KV head)
+  int* arrivals = nullptr;            //!< [heads] finished chunks per head (zeroed by the plan)
+  int* empty_heads = nullptr;         //!< [heads] heads of length 0
+  DecodeWorkItem* items = nullptr;    //!< [item_capacity]
+  float* partial_out = nullptr;       //!< [partial_capacity, G, D] normalised partial outputs
+  float* partial_lse = nullptr;       //!< [partial_capacity, G] partial LSE (log2 units)
+  int item_capacity = 0;
+  int partial_capacity = 0;
+};
+
+//! Byte layout of the workspace for (heads, G, D, grid). Host and device.
+struct DecodeWorkspaceLayout {
+  std::size_t counters = 0, head_length = 0, arrivals = 0, empty_heads = 0, items = 0;
+  std::size_t partial_out = 0, partial_lse = 0, bytes = 0;
+  int item_capacity = 0;
+  int partial_capacity = 0;
+
+  static KVC_HOST_DEVICE std::size_t align(std::size_t offset) { return (offset + 255) / 256 * 256; }
+
+  static KVC_HOST_DEVICE DecodeWorkspaceLayout make(int num_heads, int group_size, int head_dim, int grid) {
+    DecodeWorkspaceLayout layout;
+    std::size_t const heads = static_cast<std::size_t>(num_heads);
+    layout.item_capacity = kTargetWaves * grid + num_heads;
+    layout.partial_capacity = 2 * kTargetWaves * grid;
+    std::size_t offset = 0;
+    layout.counters = offset;
+    offset = align(offset + 4 * sizeof(int));
+    layout.head_length = offset;
+    offset = align(offset + heads * sizeof(int));
+    layout.arrivals = offset;
+    offset = align(offset + heads * sizeof(int));
+    layout.empty_heads = offset;
+    offset = align(offset + heads * sizeof(int));
+    layout.items = offset;
+    offset = align(offset + static_cast<std::size_t>(layout.item_capacity) * sizeof(DecodeWorkItem));
+    layout.partial_out = offset;
+    std::size_t const records = static_cast<std::size_t>(layout.partial_capacity) * group_size;
+    offset = align(offset + records * head_dim * sizeof(float));
+    layout.partial_lse = offset;
+    offset = align(offset + records * sizeof(float));
+    layout.bytes = offset;
+    return layout;
+  }
+
+  KVC_HOST_DEVICE DecodeWorkspace carve(void* base) const {
+    char* bytes_base = static_cast<char*>(base);
+    DecodeWorkspace ws;
+    ws.counters = reinterpret_cast<int*>(bytes_base + counters);
+    ws.head_length = reinterpret_cast<int*>(bytes_base + head_length);
+    ws.arrivals = reinterpret_cast<int*>(bytes_base + arrivals);
+    ws.empty_heads = reinterpret_cast<int*>(bytes_base + empty_heads);
+    ws.items = reinterpret_cast<DecodeWorkItem*>(bytes_base + items);
+    ws.partial_out = reinterpret_cast<float*>(bytes_base + partial_out);
+    ws.partial_lse = reinterpret_cast<float*>(bytes_base + partial_lse);
+    ws.item_capacity = item_capacity;
+    ws.partial_capacity = partial_capacity;
+    return ws;
+  }
+};
+
+//! Arguments of the plan kernel.
+struct DecodePlanArgs {
+  std::int32_t const* lengths = nullptr;    //!< [max_seqs, num_kv_heads]
+  std::int32_t const* seq_slots = nullptr;  //!< [batch] or null (row b is slot b)
+  int batch = 0;
+  int num_kv_heads = 0;
+  int max_seqs = 0;
+  int max_length = 0;  //!< max_pages_per_head * page_size: lengths are clamped to [0, max_length]
+  int grid = 0;        //!< CTAs of the persistent attention kernel
+  DecodeWorkspace ws{};
+};
+
+//! Sequence slot of batch row `row`, or -1 for an inactive row.
+KVC_DEVICE int decode_seq_of_row(DecodePlanArgs const& a, int row) {
+  int const seq = a.seq_slots != nullptr ? a.seq_slots[row] : row;
+  return seq >= 0 && seq < a.max_seqs ? seq : -1;
+}
+
+//! Chunk size and count of a head of `length` > 0 slots under the chunk bound `chunk`.
+//! 32-bit unsigned arithmetic: length < 2^31 and chunk <= 2^30.
+KVC_DEVICE void decode_split(int length, int chunk, int& chunk_size, int& num_chunks) {
+  unsigned const n = static_cast<unsigned>(length);
+  unsigned const c = static_cast<unsigned>(chunk);
+  unsigned n0 = n / c + (n % c != 0u ? 1u : 0u);
+  if (n0 > static_cast<unsigned>(kMaxSplits)) n0 = kMaxSplits;
+  unsigned size = n / n0 + (n % n0 != 0u ? 1u : 0u);
+  size = (size + kChunkQuantum - 1) / kChunkQuantum * kChunkQuantum;
+  chunk_size = static_cast<int>(size);
+  num_chunks = static_cast<int>(n / size + (n % size != 0u ? 1u : 0u));
+}
+
+//! Bucket of a chunk size (floor(log2)); items are listed from the largest bucket down.
+KVC_DEVICE int decode_bucket(int chunk_size) { return 31 - __clz(chunk_size); }
+
+//! One block of kPlanThreads threads. Writes counters, head_length, arrivals (zeroed),
+//! empty_heads and items. Item order within a bucket depends on atomics; results do not (a
+//! head's partials are indexed by chunk and merged in chunk order).
+KVC_GLOBAL void __launch_bounds__(kPlanThreads) decode_plan_kernel(DecodePlanArgs const a) {
+  __shared__ long long warp_totals[kPlanThreads / 32];
+  __shared__ int bucket_count[32];
+  __shared__ int bucket_cursor[32];
+  __shared__ int empty_count;
+  __shared__ int partial_count;
+
+  // The attention kernel may be scheduled now; its griddepcontrol.wait still waits for this
+  // whole grid to finish and flush.
+  grid_dependency_launch_dependents();
+
+  int const tid = static_cast<int>(threadIdx.x);
+  int const num_heads = a.batch * a.num_kv_heads;
+  if (tid < 32) bucket_count[tid] = 0;
+  if (tid == 0) {
+    empty_count = 0;
+    partial_count = 0;
+  }
+
+  // Pass 1: lengths and their total.
+  long long local_total = 0;
+  for (int head = tid; head < num_heads; head += kPlanThreads) {
+    int const row = head / a.num_kv_heads;
+    int const kv_head = head - row * a.num_kv_heads;
+    int const seq = decode_seq_of_row(a, row);
+    int length = 0;
+    if (seq >= 0) {
+      length = a.lengths[static_cast<long long>(seq) * a.num_kv_heads + kv_head];
+      length = length < 0 ? 0 : (length > a.max_length ? a.max_length : length);
+    }
+    a.ws.head_length[head] = length;  // re-read below by this same thread
+    local_total += length;
+  }
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    local_total += __shfl_xor_sync(0xffffffffu, local_total, offset);
+  }
+  if ((tid & 31) == 0) warp_totals[tid >> 5] = local_total;
+  __syncthreads();
+  long long total = 0;
+#pragma unroll 4
+  for (int w = 0; w < kPlanThreads / 32; ++w) total += warp_totals[w];
+  long long const target_items = static_cast<long long>(kTargetWaves) * a.grid;
+  long long chunk_bound = (total + target_items - 1) / target_items;
+  chunk_bound = (chunk_bound + kChunkQuantum - 1) / kChunkQuantum * kChunkQuantum;
+  if (chunk_bound < kChunkQuantum) chunk_bound = kChunkQuantum;
+  if (chunk_bound > (1ll << 30)) chunk_bound = 1ll << 30;  // > any length: one chunk per head
+  int const chunk = static_cast<int>(chunk_bound);
+
+  // Pass 2: items per chunk-size bucket.
+  for (int head = tid; head < num_heads; head += kPlanThreads) {
+    int const length = a.ws.head_length[head];
+    if (length == 0) continue;
+    int chunk_size, num_chunks;
+    decode_split(length, chunk, chunk_size, num_chunks);
+    atomicAdd(&bucket_count[decode_bucket(chunk_size)], num_chunks);
+  }
+  __syncthreads();
+  if (tid == 0) {
+    int offset = 0;
+    for (int bucket = 31; bucket >= 0; --bucket) {
+      bucket_cursor[bucket] = offset;
+      offset += bucket_count[bucket];
+    }
+    a.ws.counters[0] = offset;
+  }
+  __syncthreads();
+
+  // Pass 3: the work list, partial records, arrival counters, empty heads.
+  for (int head = tid; head < num_heads; head += kPlanThreads) {
+    a.ws.arrivals[head] = 0;
+    int const length = a.ws.head_length[head];
+    if (length == 0) {
+      a.ws.empty_heads[atomicAdd(&empty_count, 1)] = head;
+      continue;
+    }
+    int const row = head / a.num_kv_heads;
+    int const kv_head = head - row * a.num_kv_heads;
+    int const seq = decode_seq_of_row(a, row);
+    int chunk_size, num_chunks;
+    decode_split(length, chunk, chunk_size, num_chunks);
+    int const position = atomicAdd(&bucket_cursor[decode_bucket(chunk_size)], num_chunks);
+    int const partial = num_chunks > 1 ? atomicAdd(&partial_count, num_chunks) : 0;
+    DecodeWorkItem item;
+    item.head = head;
+    item.cache_head = seq * a.num_kv_heads + kv_head;
+    item.num_chunks = num_chunks;
+    item.partial = partial;
+    item.length = length;
+    for (int c = 0; c < num_chunks; ++c) {
+      item.begin = c * chunk_size;
+      long long const end = static_cast<long long>(c + 1) * chunk_size;
+      item.end = end < length ? static_cast<int>(end) : length;
+      item.chunk = c;
+      a.ws.items[position + c] = item;
+    }
+  }
+  __syncthreads();
+  if (tid == 0) a.ws.counters[1] = empty_count;
+}
+
+}  // namespace kvc::detail
