@@ -653,4 +653,64 @@ void compare_heads(StoreSnapshot<T> const& snap, int layer, int slot, State cons
   }
 }
 
+//! What the model of every policy whose state holds `heads` and `tokens_seen` shares, for
+//! run_store_case: no zeroed dim, the inputs as drawn, the heads compared slot by slot. A model
+//! derives from it, adds make and step, and hides what it does differently.
+template <class StateT>
+struct HeadsModel {
+  using State = StateT;
+  static std::vector<reference::HeadCache> const& heads(State const& state) { return state.heads; }
+  static std::int64_t tokens_seen(State const& state) { return state.tokens_seen; }
+  static int zeroed_dim(reference::LayerSpec const&, PolicyConfig const&) { return -1; }
+  static void shape_inputs(std::mt19937_64&, RunCase const&, reference::LayerSpec const&,
+                           PolicyConfig const&, std::vector<float>&) {}
+  template <class T>
+  static void compare_state(StoreSnapshot<T> const& snap, int layer, int slot, State const& state,
+                            std::string const& what) {
+    compare_heads(snap, layer, slot, state, state.heads, what);
+  }
+};
+
+//! A case named `name` of the given shape; the policy and the rest are the caller's.
+inline RunCase shaped_case(char const* name, int group, int page_size, int head_dim, int kv_heads) {
+  RunCase c;
+  c.name = name;
+  c.group = group;
+  c.page_size = page_size;
+  c.head_dim = head_dim;
+  c.kv_heads = kv_heads;
+  return c;
+}
+
+//! Makes `c` run the pool dry: `target_active` sequences that all join at once and step every
+//! time, in a pool of `num_pages`, steps allowed to fail for lack of pages.
+inline void exhaust_pool(RunCase& c, int steps, int target_active, int num_pages,
+                         double release_probability) {
+  c.steps = steps;
+  c.target_active = target_active;
+  c.num_pages = num_pages;
+  c.release_probability = release_probability;
+  c.join_probability = 1.0;
+  c.step_probability = 1.0;
+  c.allow_exhaustion = true;
+}
+
+//! Runs `cases` in order (only the first in KVC_CI_MINIMAL builds) with `Model`: no step may
+//! fail; in full runs every case also ran all its steps, reached a batch of 3, and passes
+//! `more_checks(case, summary)`.
+template <class T, class Model, class Checks>
+void run_store_cases(std::vector<RunCase> cases, std::mt19937_64& rng, Checks const& more_checks) {
+#if KVC_CI_MINIMAL
+  cases.resize(1);
+#endif
+  for (RunCase const& c : cases) {
+    RunSummary const summary = run_store_case<T, Model>(c, rng);
+    CHECK(summary.failed_steps == 0);
+    if (!full_runs()) continue;
+    CHECK(summary.steps == c.steps);
+    CHECK(summary.max_batch >= 3);
+    more_checks(c, summary);
+  }
+}
+
 }  // namespace kvc::test

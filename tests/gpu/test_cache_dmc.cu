@@ -18,8 +18,7 @@ using namespace kvc;
 namespace {
 
 //! DMC's reference, as run_store_case drives it.
-struct DmcModel {
-  using State = reference::DmcLayerState;
+struct DmcModel : test::HeadsModel<reference::DmcLayerState> {
   static State make(reference::LayerSpec const& spec, PolicyConfig const& policy) {
     return reference::make_dmc_state(spec, policy.dmc);
   }
@@ -27,8 +26,6 @@ struct DmcModel {
                      reference::DecodeInput const& input, reference::AttentionOutput& output) {
     return reference::dmc_decode_step(spec, policy.dmc, state, input, output);
   }
-  static std::vector<reference::HeadCache> const& heads(State const& state) { return state.heads; }
-  static std::int64_t tokens_seen(State const& state) { return state.tokens_seen; }
   static int zeroed_dim(reference::LayerSpec const& spec, PolicyConfig const& policy) {
     return policy.dmc.decision_index(spec.head_dim);
   }
@@ -81,12 +78,7 @@ struct DmcModel {
 
 test::RunCase dmc_case(char const* name, DmcConfig const& dmc, int group, int page_size,
                        int head_dim, int kv_heads) {
-  test::RunCase c;
-  c.name = name;
-  c.group = group;
-  c.page_size = page_size;
-  c.head_dim = head_dim;
-  c.kv_heads = kv_heads;
+  test::RunCase c = test::shaped_case(name, group, page_size, head_dim, kv_heads);
   c.policy.kind = PolicyKind::kDmc;
   c.policy.dmc = dmc;
   c.steps = 220;
@@ -111,36 +103,23 @@ TEST_SUITE("gpu") {
     cases[3].merge_probability = 0.6;
     cases[3].rope.layout = RopeLayout::kInterleaved;
     cases[4].merge_probability = 0.7;
-#if KVC_CI_MINIMAL
-    cases.resize(1);
-#endif
-    for (test::RunCase const& c : cases) {
-      test::RunSummary const summary = test::run_store_case<T, DmcModel>(c, rng);
-      CHECK(summary.failed_steps == 0);
-      if (!test::full_runs()) continue;
-      CHECK(summary.steps == c.steps);
-      CHECK(summary.max_batch >= 3);
-      CHECK(summary.joins > c.target_active);
-      if (c.policy.dmc.window > 0)
-        CHECK(summary.max_group_length > c.policy.dmc.window);  // crossed the window
-      CHECK(summary.max_length < c.steps);                      // merges compressed the cache
-    }
+    test::run_store_cases<T, DmcModel>(
+        cases, rng, [](test::RunCase const& c, test::RunSummary const& summary) {
+          CHECK(summary.joins > c.target_active);
+          if (c.policy.dmc.window > 0)
+            CHECK(summary.max_group_length > c.policy.dmc.window);  // crossed the window
+          CHECK(summary.max_length < c.steps);                      // merges compressed the cache
+        });
   }
 
-  TEST_CASE_TEMPLATE("store dmc: pool exhaustion mid-batch changes nothing, then release and retry", T,
-                     KVC_STORE_TEST_DTYPES) {
+  TEST_CASE_TEMPLATE("store dmc: pool exhaustion mid-batch changes nothing, then release and retry",
+                     T, KVC_STORE_TEST_DTYPES) {
     KVC_REQUIRE_CUDA_DEVICE();
     std::mt19937_64 rng(test::test_seed() + 3);
     INFO("seed " << test::test_seed());
     test::RunCase c = dmc_case("exhaustion", DmcConfig::checkpoint(), 2, 4, 32, 2);
-    c.steps = 200;
-    c.target_active = 5;
-    c.num_pages = 40;
     c.merge_probability = 0.5;
-    c.release_probability = 0.0;
-    c.join_probability = 1.0;
-    c.step_probability = 1.0;
-    c.allow_exhaustion = true;
+    test::exhaust_pool(c, 200, 5, 40, 0.0);
     test::RunSummary const summary = test::run_store_case<T, DmcModel>(c, rng);
     if (!test::full_runs()) return;
     CHECK(summary.failed_steps > 0);

@@ -19,8 +19,7 @@ using namespace kvc;
 namespace {
 
 //! H2O's reference, as run_store_case drives it.
-struct H2OModel {
-  using State = reference::H2OLayerState;
+struct H2OModel : test::HeadsModel<reference::H2OLayerState> {
   static State make(reference::LayerSpec const& spec, PolicyConfig const&) {
     return reference::make_h2o_state(spec);
   }
@@ -28,22 +27,11 @@ struct H2OModel {
                      reference::DecodeInput const& input, reference::AttentionOutput& output) {
     return reference::h2o_decode_step(spec, policy.h2o, state, input, output);
   }
-  static std::vector<reference::HeadCache> const& heads(State const& state) { return state.heads; }
-  static std::int64_t tokens_seen(State const& state) { return state.tokens_seen; }
-  static int zeroed_dim(reference::LayerSpec const&, PolicyConfig const&) { return -1; }
-  static void shape_inputs(std::mt19937_64&, test::RunCase const&, reference::LayerSpec const&,
-                           PolicyConfig const&, std::vector<float>&) {}
-  template <class T>
-  static void compare_state(test::StoreSnapshot<T> const& snap, int layer, int slot,
-                            State const& state, std::string const& what) {
-    test::compare_heads(snap, layer, slot, state, state.heads, what);
-  }
 };
 
 //! TOVA's reference. The store keeps the layer scores once, in KV head 0's score pages; the
 //! reference repeats them in every head, so scores are compared for head 0 only.
-struct TovaModel {
-  using State = reference::TovaLayerState;
+struct TovaModel : test::HeadsModel<reference::TovaLayerState> {
   static State make(reference::LayerSpec const& spec, PolicyConfig const&) {
     return reference::make_tova_state(spec);
   }
@@ -51,11 +39,6 @@ struct TovaModel {
                      reference::DecodeInput const& input, reference::AttentionOutput& output) {
     return reference::tova_decode_step(spec, policy.tova, state, input, output);
   }
-  static std::vector<reference::HeadCache> const& heads(State const& state) { return state.heads; }
-  static std::int64_t tokens_seen(State const& state) { return state.tokens_seen; }
-  static int zeroed_dim(reference::LayerSpec const&, PolicyConfig const&) { return -1; }
-  static void shape_inputs(std::mt19937_64&, test::RunCase const&, reference::LayerSpec const&,
-                           PolicyConfig const&, std::vector<float>&) {}
   template <class T>
   static void compare_state(test::StoreSnapshot<T> const& snap, int layer, int slot,
                             State const& state, std::string const& what) {
@@ -67,12 +50,7 @@ struct TovaModel {
 
 test::RunCase h2o_case(char const* name, int heavy, int recent, int group, int page_size,
                        int head_dim, int kv_heads) {
-  test::RunCase c;
-  c.name = name;
-  c.group = group;
-  c.page_size = page_size;
-  c.head_dim = head_dim;
-  c.kv_heads = kv_heads;
+  test::RunCase c = test::shaped_case(name, group, page_size, head_dim, kv_heads);
   c.policy.kind = PolicyKind::kH2O;
   c.policy.h2o = H2OConfig{heavy, recent};
   c.steps = 200;
@@ -82,12 +60,7 @@ test::RunCase h2o_case(char const* name, int heavy, int recent, int group, int p
 
 test::RunCase tova_case(char const* name, int budget, bool protect_new, int group, int page_size,
                         int head_dim, int kv_heads) {
-  test::RunCase c;
-  c.name = name;
-  c.group = group;
-  c.page_size = page_size;
-  c.head_dim = head_dim;
-  c.kv_heads = kv_heads;
+  test::RunCase c = test::shaped_case(name, group, page_size, head_dim, kv_heads);
   c.policy.kind = PolicyKind::kTova;
   c.policy.tova = TovaConfig{budget, protect_new};
   c.steps = 200;
@@ -110,17 +83,10 @@ TEST_SUITE("gpu") {
         h2o_case("mha D256 page 16", 16, 4, 1, 16, 256, 2),
     };
     cases[1].rope.layout = RopeLayout::kInterleaved;
-#if KVC_CI_MINIMAL
-    cases.resize(1);
-#endif
-    for (test::RunCase const& c : cases) {
-      test::RunSummary const summary = test::run_store_case<T, H2OModel>(c, rng);
-      CHECK(summary.failed_steps == 0);
-      if (!test::full_runs()) continue;
-      CHECK(summary.steps == c.steps);
-      CHECK(summary.max_batch >= 3);
-      CHECK(summary.max_length == c.policy.h2o.budget());  // ran far past the budget
-    }
+    test::run_store_cases<T, H2OModel>(
+        cases, rng, [](test::RunCase const& c, test::RunSummary const& summary) {
+          CHECK(summary.max_length == c.policy.h2o.budget());  // ran far past the budget
+        });
   }
 
   TEST_CASE_TEMPLATE("store tova: random continuous batching equals the reference", T,
@@ -135,21 +101,15 @@ TEST_SUITE("gpu") {
         tova_case("gqa8 page 16", 30, false, 8, 16, 32, 1),
     };
     cases[2].rope.layout = RopeLayout::kInterleaved;
-#if KVC_CI_MINIMAL
-    cases.resize(1);
-#endif
-    for (test::RunCase const& c : cases) {
-      test::RunSummary const summary = test::run_store_case<T, TovaModel>(c, rng);
-      CHECK(summary.failed_steps == 0);
-      if (!test::full_runs()) continue;
-      CHECK(summary.steps == c.steps);
-      CHECK(summary.max_batch >= 3);
-      CHECK(summary.max_length == c.policy.tova.budget);
-    }
+    test::run_store_cases<T, TovaModel>(
+        cases, rng, [](test::RunCase const& c, test::RunSummary const& summary) {
+          CHECK(summary.max_length == c.policy.tova.budget);
+        });
   }
 
-  TEST_CASE_TEMPLATE("store h2o/tova: pool exhaustion mid-batch changes nothing, then release and retry",
-                     T, KVC_STORE_TEST_DTYPES) {
+  TEST_CASE_TEMPLATE(
+      "store h2o/tova: pool exhaustion mid-batch changes nothing, then release and retry", T,
+      KVC_STORE_TEST_DTYPES) {
     KVC_REQUIRE_CUDA_DEVICE();
     std::mt19937_64 rng(test::test_seed() + 6);
     INFO("seed " << test::test_seed());
@@ -157,15 +117,7 @@ TEST_SUITE("gpu") {
     // three sequences and a half, so joining sequences run the pool dry.
     test::RunCase h2o = h2o_case("h2o exhaustion", 10, 6, 2, 4, 32, 2);
     test::RunCase tova = tova_case("tova exhaustion", 16, false, 2, 4, 32, 2);
-    for (test::RunCase* c : {&h2o, &tova}) {
-      c->steps = 120;
-      c->target_active = 5;
-      c->num_pages = 70;
-      c->release_probability = 0.02;
-      c->join_probability = 1.0;
-      c->step_probability = 1.0;
-      c->allow_exhaustion = true;
-    }
+    for (test::RunCase* c : {&h2o, &tova}) test::exhaust_pool(*c, 120, 5, 70, 0.02);
     test::RunSummary const h2o_summary = test::run_store_case<T, H2OModel>(h2o, rng);
     test::RunSummary const tova_summary = test::run_store_case<T, TovaModel>(tova, rng);
     if (!test::full_runs()) return;

@@ -17,8 +17,7 @@ using namespace kvc;
 namespace {
 
 //! The full cache's reference, as run_store_case drives it.
-struct FullModel {
-  using State = reference::FullLayerState;
+struct FullModel : test::HeadsModel<reference::FullLayerState> {
   static State make(reference::LayerSpec const& spec, PolicyConfig const&) {
     return reference::make_full_state(spec);
   }
@@ -26,26 +25,11 @@ struct FullModel {
                      reference::DecodeInput const& input, reference::AttentionOutput& output) {
     return reference::full_decode_step(spec, policy.full, state, input, output);
   }
-  static std::vector<reference::HeadCache> const& heads(State const& state) { return state.heads; }
-  static std::int64_t tokens_seen(State const& state) { return state.tokens_seen; }
-  static int zeroed_dim(reference::LayerSpec const&, PolicyConfig const&) { return -1; }
-  static void shape_inputs(std::mt19937_64&, test::RunCase const&, reference::LayerSpec const&,
-                           PolicyConfig const&, std::vector<float>&) {}
-  template <class T>
-  static void compare_state(test::StoreSnapshot<T> const& snap, int layer, int slot,
-                            State const& state, std::string const& what) {
-    test::compare_heads(snap, layer, slot, state, state.heads, what);
-  }
 };
 
 test::RunCase full_case(char const* name, int group, int page_size, int head_dim, int kv_heads,
                         RopeLayout rope) {
-  test::RunCase c;
-  c.name = name;
-  c.group = group;
-  c.page_size = page_size;
-  c.head_dim = head_dim;
-  c.kv_heads = kv_heads;
+  test::RunCase c = test::shaped_case(name, group, page_size, head_dim, kv_heads);
   c.rope.layout = rope;
   c.policy.kind = PolicyKind::kFull;
   c.release_probability = 0.01;  // sequences live 100 steps on average
@@ -70,34 +54,23 @@ TEST_SUITE("gpu") {
     cases[0].steps = 150;
     cases[2].layers = 3;
     cases[2].max_seqs = 5;
-#if KVC_CI_MINIMAL
-    cases.resize(1);
-#endif
-    for (test::RunCase const& c : cases) {
-      test::RunSummary const summary = test::run_store_case<T, FullModel>(c, rng);
-      CHECK(summary.failed_steps == 0);
-      if (!test::full_runs()) continue;
-      CHECK(summary.steps == c.steps);
-      CHECK(summary.max_batch >= 3);
-      CHECK(summary.joins > c.target_active);  // sequences left and others joined
-      CHECK(summary.max_length > 64);          // some sequence crossed pages of every size
-    }
+    test::run_store_cases<T, FullModel>(
+        cases, rng, [](test::RunCase const& c, test::RunSummary const& summary) {
+          CHECK(summary.joins > c.target_active);  // sequences left and others joined
+          CHECK(summary.max_length > 64);          // some sequence crossed pages of every size
+        });
   }
 
-  TEST_CASE_TEMPLATE("store full: pool exhaustion mid-batch changes nothing, then release and retry", T,
-                     KVC_STORE_TEST_DTYPES) {
+  TEST_CASE_TEMPLATE(
+      "store full: pool exhaustion mid-batch changes nothing, then release and retry", T,
+      KVC_STORE_TEST_DTYPES) {
     KVC_REQUIRE_CUDA_DEVICE();
     std::mt19937_64 rng(test::test_seed() + 1);
     INFO("seed " << test::test_seed());
     test::RunCase c = full_case("exhaustion", 2, 16, 32, 2, RopeLayout::kRotateHalf);
-    c.steps = 160;
     c.max_seqs = 6;
-    c.target_active = 5;
-    c.num_pages = 48;  // 5 sequences * 2 layers * 2 heads need 20 pages per 16 tokens
-    c.release_probability = 0.0;
-    c.join_probability = 1.0;
-    c.step_probability = 1.0;
-    c.allow_exhaustion = true;
+    // 5 sequences * 2 layers * 2 heads need 20 pages per 16 tokens; the pool has 48.
+    test::exhaust_pool(c, 160, 5, 48, 0.0);
     test::RunSummary const summary = test::run_store_case<T, FullModel>(c, rng);
     if (!test::full_runs()) return;
     CHECK(summary.failed_steps > 0);

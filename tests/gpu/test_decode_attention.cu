@@ -5,9 +5,6 @@
 // replay with lengths changed on the device; and the Status of unsupported or invalid calls.
 // The paged views are built here directly (random pools, pages scattered through the pool),
 // independent of the store's own code.
-#include <cuda_runtime.h>
-#include <doctest/doctest.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -19,11 +16,15 @@
 #include <string>
 #include <vector>
 
+#include <cuda_runtime.h>
+#include <doctest/doctest.h>
+
 #include "kvc/attention/decode_api.cuh"
 #if !KVC_CI_MINIMAL
 #include "kvc/attention/decode.cuh"  // the soft-cap case instantiates a variant here
 #endif
 #include "kvc/reference/attention.hpp"
+
 #include "test_support.hpp"
 
 namespace {
@@ -40,18 +41,19 @@ bool decode_device_present() {
   return count > 0;
 }
 
-#define KVC_DECODE_REQUIRE_DEVICE()                   \
-  do {                                                \
-    if (!decode_device_present()) {                   \
-      std::printf("kvc: no CUDA device: skipped\n");  \
-      return;                                         \
-    }                                                 \
+#define KVC_DECODE_REQUIRE_DEVICE()                  \
+  do {                                               \
+    if (!decode_device_present()) {                  \
+      std::printf("kvc: no CUDA device: skipped\n"); \
+      return;                                        \
+    }                                                \
   } while (0)
 
-#define KVC_DECODE_CUDA(expr)                                                                   \
-  do {                                                                                          \
-    cudaError_t const decode_error_ = (expr);                                                   \
-    REQUIRE_MESSAGE(decode_error_ == cudaSuccess, #expr << ": " << cudaGetErrorString(decode_error_)); \
+#define KVC_DECODE_CUDA(expr)                                            \
+  do {                                                                   \
+    cudaError_t const decode_error_ = (expr);                            \
+    REQUIRE_MESSAGE(decode_error_ == cudaSuccess,                        \
+                    #expr << ": " << cudaGetErrorString(decode_error_)); \
   } while (0)
 
 //! Raw device bytes, freed on destruction.
@@ -102,8 +104,8 @@ std::vector<unsigned char> encode(std::vector<float> const& values, DType dtype)
     if (dtype == DType::kF32) {
       std::memcpy(bytes.data() + i * 4, &values[i], 4);
     } else {
-      std::uint16_t const bits =
-          dtype == DType::kF16 ? kvc::float_to_half_bits(values[i]) : kvc::float_to_bf16_bits(values[i]);
+      std::uint16_t const bits = dtype == DType::kF16 ? kvc::float_to_half_bits(values[i])
+                                                      : kvc::float_to_bf16_bits(values[i]);
       std::memcpy(bytes.data() + i * 2, &bits, 2);
     }
   }
@@ -119,7 +121,8 @@ std::vector<float> decode(std::vector<unsigned char> const& bytes, DType dtype) 
     } else {
       std::uint16_t bits;
       std::memcpy(&bits, bytes.data() + i * 2, 2);
-      values[i] = dtype == DType::kF16 ? kvc::half_bits_to_float(bits) : kvc::bf16_bits_to_float(bits);
+      values[i] =
+          dtype == DType::kF16 ? kvc::half_bits_to_float(bits) : kvc::bf16_bits_to_float(bits);
     }
   }
   return values;
@@ -137,14 +140,14 @@ struct DecodeCase {
   std::vector<int> seq_slots;  // [batch]; -1 or >= max_seqs: inactive row
   std::vector<int> lengths;    // [max_seqs * num_kv_heads]
   bool probs = true;
-  float q_stddev = 1.5f;       // logits of std ~ q_stddev (keys are N(0, 1))
-  float soft_cap = 0.0f;       // > 0: the reference applies cap * tanh(logit / cap)
+  float q_stddev = 1.5f;  // logits of std ~ q_stddev (keys are N(0, 1))
+  float soft_cap = 0.0f;  // > 0: the reference applies cap * tanh(logit / cap)
 
   int num_q_heads() const { return group * num_kv_heads; }
   std::string name() const {
-    return std::string(kvc::dtype_name(dtype)) + " D=" + std::to_string(head_dim) + " G=" + std::to_string(group) +
-           " Hkv=" + std::to_string(num_kv_heads) + " page=" + std::to_string(page_size) +
-           " B=" + std::to_string(batch);
+    return std::string(kvc::dtype_name(dtype)) + " D=" + std::to_string(head_dim) +
+           " G=" + std::to_string(group) + " Hkv=" + std::to_string(num_kv_heads) +
+           " page=" + std::to_string(page_size) + " B=" + std::to_string(batch);
   }
 };
 
@@ -155,13 +158,14 @@ struct PagedLayer {
   int max_pages = 1;
   int num_pages = 0;
   std::vector<float> k_pool, v_pool;  // [num_pages, page_size, head_dim]
-  std::vector<int> page_table;         // [max_seqs, num_kv_heads, max_pages]
-  std::vector<int> capacity;           // [max_seqs * num_kv_heads] slots the head's pages hold
-  std::vector<float> q;                // [batch, num_q_heads, head_dim]
+  std::vector<int> page_table;        // [max_seqs, num_kv_heads, max_pages]
+  std::vector<int> capacity;          // [max_seqs * num_kv_heads] slots the head's pages hold
+  std::vector<float> q;               // [batch, num_q_heads, head_dim]
   DeviceBytes d_k, d_v, d_table, d_lengths, d_slots, d_q, d_out, d_lse, d_probs, d_workspace;
   int probs_stride = 0;
 
-  PagedLayer(DecodeCase const& test_case, std::mt19937_64& rng, int extra_pages_per_head = 0) : c(test_case) {
+  PagedLayer(DecodeCase const& test_case, std::mt19937_64& rng, int extra_pages_per_head = 0)
+      : c(test_case) {
     int const d = c.head_dim;
     int const hkv = c.num_kv_heads;
     int longest = 1;
@@ -185,7 +189,8 @@ struct PagedLayer {
       for (int j = 0; j < pages_of[i]; ++j) page_table[i * max_pages + j] = permutation[next++];
       capacity.push_back(pages_of[i] * c.page_size);
     }
-    q = kvc::test::random_normal(rng, static_cast<std::size_t>(c.batch) * c.num_q_heads() * d, c.dtype, c.q_stddev);
+    q = kvc::test::random_normal(rng, static_cast<std::size_t>(c.batch) * c.num_q_heads() * d,
+                                 c.dtype, c.q_stddev);
     probs_stride = max_pages * c.page_size + 3;
 
     d_k.allocate(pool * kvc::dtype_size(c.dtype));
@@ -257,7 +262,9 @@ struct PagedLayer {
     int const length = length_of(seq, kv_head);
     int const d = c.head_dim;
     for (int s = 0; s < length; ++s) {
-      int const page = page_table[(static_cast<std::size_t>(seq) * c.num_kv_heads + kv_head) * max_pages + s / c.page_size];
+      int const page =
+          page_table[(static_cast<std::size_t>(seq) * c.num_kv_heads + kv_head) * max_pages +
+                     s / c.page_size];
       std::size_t const row = (static_cast<std::size_t>(page) * c.page_size + s % c.page_size) * d;
       head.k.insert(head.k.end(), k_pool.begin() + row, k_pool.begin() + row + d);
       head.v.insert(head.v.end(), v_pool.begin() + row, v_pool.begin() + row + d);
@@ -290,7 +297,8 @@ void soft_cap_reference(kvc::reference::LayerSpec const& spec, float cap, float 
     double top = -std::numeric_limits<double>::infinity();
     for (int s = 0; s < n; ++s) {
       double dot = 0.0;
-      for (int i = 0; i < d; ++i) dot += static_cast<double>(q[h * d + i]) * head.k[static_cast<std::size_t>(s) * d + i];
+      for (int i = 0; i < d; ++i)
+        dot += static_cast<double>(q[h * d + i]) * head.k[static_cast<std::size_t>(s) * d + i];
       logits[s] = cap * std::tanh(dot * scale / cap);
       top = std::max(top, logits[s]);
     }
@@ -329,18 +337,22 @@ Expected reference_of(PagedLayer const& layer) {
     }
     std::size_t const q_offset = static_cast<std::size_t>(b) * hq * d;
     if (c.soft_cap > 0.0f) {
-      soft_cap_reference(spec, c.soft_cap, layer.q.data() + q_offset, heads, expected.out.data() + q_offset,
+      soft_cap_reference(spec, c.soft_cap, layer.q.data() + q_offset, heads,
+                         expected.out.data() + q_offset,
                          expected.lse.data() + static_cast<std::size_t>(b) * hq,
                          expected.probs.data() + static_cast<std::size_t>(b) * hq);
       continue;
     }
     kvc::reference::AttentionOutput output;
     kvc::reference::AttentionProbabilities probabilities;
-    REQUIRE(kvc::reference::decode_attention(spec, kvc::reference::ConstSpan(layer.q.data() + q_offset, std::size_t(hq) * d),
-                                             heads, output, &probabilities) == Status::kSuccess);
+    REQUIRE(kvc::reference::decode_attention(
+                spec, kvc::reference::ConstSpan(layer.q.data() + q_offset, std::size_t(hq) * d),
+                heads, output, &probabilities) == Status::kSuccess);
     std::copy(output.out.begin(), output.out.end(), expected.out.begin() + q_offset);
-    std::copy(output.lse.begin(), output.lse.end(), expected.lse.begin() + static_cast<std::size_t>(b) * hq);
-    for (int h = 0; h < hq; ++h) expected.probs[static_cast<std::size_t>(b) * hq + h] = probabilities.rows[h];
+    std::copy(output.lse.begin(), output.lse.end(),
+              expected.lse.begin() + static_cast<std::size_t>(b) * hq);
+    for (int h = 0; h < hq; ++h)
+      expected.probs[static_cast<std::size_t>(b) * hq + h] = probabilities.rows[h];
   }
   return expected;
 }
@@ -352,7 +364,8 @@ void check_against(PagedLayer const& layer, Expected const& expected, std::strin
   std::size_t const rows = static_cast<std::size_t>(c.batch) * hq;
   std::vector<unsigned char> out_bytes(rows * c.head_dim * kvc::dtype_size(c.dtype));
   layer.d_out.download(out_bytes.data(), out_bytes.size());
-  kvc::test::require_close(decode(out_bytes, c.dtype), expected.out, kvc::default_tolerance(c.dtype), what + " out");
+  kvc::test::require_close(decode(out_bytes, c.dtype), expected.out,
+                           kvc::default_tolerance(c.dtype), what + " out");
 
   std::vector<float> lse(rows);
   layer.d_lse.download(lse.data(), rows * sizeof(float));
@@ -364,7 +377,8 @@ void check_against(PagedLayer const& layer, Expected const& expected, std::strin
     } else {
       ok = std::abs(lse[i] - expected.lse[i]) <= 5e-4 + 1e-4 * std::abs(expected.lse[i]);
     }
-    if (!ok && lse_mismatches++ < 5) FAIL_CHECK(what << " lse[" << i << "]: got " << lse[i] << ", expected " << expected.lse[i]);
+    if (!ok && lse_mismatches++ < 5)
+      FAIL_CHECK(what << " lse[" << i << "]: got " << lse[i] << ", expected " << expected.lse[i]);
   }
   REQUIRE_MESSAGE(lse_mismatches == 0, what << ": " << lse_mismatches << " LSE values differ");
 
@@ -400,6 +414,31 @@ void run_precompiled(PagedLayer& layer, cudaStream_t stream) {
   KVC_DECODE_CUDA(cudaGetLastError());
 }
 
+//! A case of the given shape, batch and sequence slots; seq_slots, lengths and the rest are the
+//! caller's.
+DecodeCase shaped_case(DType dtype, int head_dim, int group, int num_kv_heads, int page_size,
+                       int batch, int max_seqs) {
+  DecodeCase c;
+  c.dtype = dtype;
+  c.head_dim = head_dim;
+  c.group = group;
+  c.num_kv_heads = num_kv_heads;
+  c.page_size = page_size;
+  c.batch = batch;
+  c.max_seqs = max_seqs;
+  return c;
+}
+
+//! Builds `c`'s layer, runs the precompiled kernels on it and checks them against the reference
+//! (`note` is added to the case name in the failure context).
+void run_and_check(DecodeCase const& c, std::mt19937_64& rng, cudaStream_t stream,
+                   std::string const& note = "") {
+  PagedLayer layer(c, rng);
+  INFO(c.name() << note);
+  run_precompiled(layer, stream);
+  check_against(layer, reference_of(layer), c.name());
+}
+
 //! Random lengths for every (sequence, KV head) in [1, max_length], a zero-length head and a
 //! one-slot head when there are enough heads.
 std::vector<int> ragged_lengths(std::mt19937_64& rng, int heads, int max_length) {
@@ -414,7 +453,8 @@ std::vector<int> ragged_lengths(std::mt19937_64& rng, int heads, int max_length)
 }
 
 //! DMC-like lengths: each head gets L / r with r from {1, 2, 4, 8, 16} under `weights`.
-std::vector<int> dmc_lengths(std::mt19937_64& rng, int heads, int full_length, std::vector<double> const& weights) {
+std::vector<int> dmc_lengths(std::mt19937_64& rng, int heads, int full_length,
+                             std::vector<double> const& weights) {
   std::discrete_distribution<int> ratio(weights.begin(), weights.end());
   std::vector<int> lengths(heads);
   for (int& length : lengths) length = std::max(1, full_length >> ratio(rng));
@@ -461,387 +501,315 @@ struct StreamGuard {
 }  // namespace
 
 TEST_SUITE("gpu") {
-TEST_CASE("decode attention: every dtype, head dim, group size and page size, ragged, with scores") {
-  KVC_DECODE_REQUIRE_DEVICE();
-  std::mt19937_64 rng(kvc::test::test_seed());
-  INFO("seed " << kvc::test::test_seed());
-  StreamGuard guard;
-  for (DType dtype : compiled_dtypes()) {
-    for (int head_dim : compiled_head_dims()) {
-      for (int group : compiled_groups()) {
-        for (int page_size : {1, 16, 64}) {
-          REQUIRE(kvc::decode_attention_supported(dtype, head_dim, group));
-          DecodeCase c;
-          c.dtype = dtype;
-          c.head_dim = head_dim;
-          c.group = group;
-          c.num_kv_heads = 2;
-          c.page_size = page_size;
-          c.batch = 3;
-          c.max_seqs = 4;
-          c.seq_slots = shuffled_slots(rng, c.batch, c.max_seqs);
-          // Lengths up to 300: heads above 64 slots are split (the chunk bound is 64 here), so
-          // the last-CTA merge runs; shorter ones finish in one chunk.
-          c.lengths = ragged_lengths(rng, c.max_seqs * c.num_kv_heads, 300);
-          PagedLayer layer(c, rng);
-          INFO(c.name());
-          run_precompiled(layer, guard.stream);
-          check_against(layer, reference_of(layer), c.name());
+  TEST_CASE(
+      "decode attention: every dtype, head dim, group size and page size, ragged, with scores") {
+    KVC_DECODE_REQUIRE_DEVICE();
+    std::mt19937_64 rng(kvc::test::test_seed());
+    INFO("seed " << kvc::test::test_seed());
+    StreamGuard guard;
+    for (DType dtype : compiled_dtypes()) {
+      for (int head_dim : compiled_head_dims()) {
+        for (int group : compiled_groups()) {
+          for (int page_size : {1, 16, 64}) {
+            REQUIRE(kvc::decode_attention_supported(dtype, head_dim, group));
+            DecodeCase c = shaped_case(dtype, head_dim, group, 2, page_size, 3, 4);
+            c.seq_slots = shuffled_slots(rng, c.batch, c.max_seqs);
+            // Lengths up to 300: heads above 64 slots are split (the chunk bound is 64 here), so
+            // the last-CTA merge runs; shorter ones finish in one chunk.
+            c.lengths = ragged_lengths(rng, c.max_seqs * c.num_kv_heads, 300);
+            run_and_check(c, rng, guard.stream);
+          }
         }
       }
     }
   }
-}
 
-TEST_CASE("decode attention: long heads (64k slots), one-slot heads, page size 1") {
-  KVC_DECODE_REQUIRE_DEVICE();
-  std::mt19937_64 rng(kvc::test::test_seed() + 1);
-  INFO("seed " << kvc::test::test_seed());
-  StreamGuard guard;
-  struct Shape {
-    DType dtype;
-    int head_dim, group, page_size;
-  };
+  TEST_CASE("decode attention: long heads (64k slots), one-slot heads, page size 1") {
+    KVC_DECODE_REQUIRE_DEVICE();
+    std::mt19937_64 rng(kvc::test::test_seed() + 1);
+    INFO("seed " << kvc::test::test_seed());
+    StreamGuard guard;
+    struct Shape {
+      DType dtype;
+      int head_dim, group, page_size;
+    };
 #if KVC_CI_MINIMAL
-  Shape const shapes[] = {{DType::kBF16, 128, 4, 16}, {DType::kBF16, 128, 4, 1}};
+    Shape const shapes[] = {{DType::kBF16, 128, 4, 16}, {DType::kBF16, 128, 4, 1}};
 #else
-  Shape const shapes[] = {{DType::kBF16, 128, 4, 16}, {DType::kF16, 64, 1, 1}, {DType::kF32, 128, 8, 64},
-                          {DType::kBF16, 256, 2, 16}};
+    Shape const shapes[] = {{DType::kBF16, 128, 4, 16},
+                            {DType::kF16, 64, 1, 1},
+                            {DType::kF32, 128, 8, 64},
+                            {DType::kBF16, 256, 2, 16}};
 #endif
-  for (Shape const& shape : shapes) {
-    DecodeCase c;
-    c.dtype = shape.dtype;
-    c.head_dim = shape.head_dim;
-    c.group = shape.group;
-    c.page_size = shape.page_size;
-    c.num_kv_heads = 2;
-    c.batch = 2;
-    c.max_seqs = 2;
-    c.seq_slots = {1, 0};
-    c.lengths = {65536, 1, 1, 40000 + static_cast<int>(rng() % 1000)};
-    c.q_stddev = 2.5f;  // peaked softmax: a wrong slot or a lost chunk shows
-    PagedLayer layer(c, rng);
-    INFO(c.name());
-    run_precompiled(layer, guard.stream);
-    check_against(layer, reference_of(layer), c.name());
-  }
-}
-
-TEST_CASE("decode attention: DMC-like ragged mixes (ratios 1..16 per head), MHA and GQA") {
-  KVC_DECODE_REQUIRE_DEVICE();
-  std::mt19937_64 rng(kvc::test::test_seed() + 2);
-  INFO("seed " << kvc::test::test_seed());
-  StreamGuard guard;
-  std::vector<double> const mix_a = {0.10, 0.10, 0.30, 0.30, 0.20};
-  std::vector<double> const mix_b = {0.02, 0.05, 0.18, 0.35, 0.40};
-#if KVC_CI_MINIMAL
-  int const groups[] = {4};
-#else
-  int const groups[] = {1, 4, 8};
-#endif
-  for (int group : groups) {
-    for (auto const* mix : {&mix_a, &mix_b}) {
-      DecodeCase c;
-      c.dtype = DType::kBF16;
-      c.head_dim = 128;
-      c.group = group;
-      c.num_kv_heads = 16 / group;
-      c.page_size = 16;
-      c.batch = 8;
-      c.max_seqs = 10;
-      c.seq_slots = shuffled_slots(rng, c.batch, c.max_seqs);
-      // Enough slots that the chunk bound rises above the minimum (items of several sizes).
-      c.lengths = dmc_lengths(rng, c.max_seqs * c.num_kv_heads, 4096, *mix);
-      c.probs = group == 4;
-      PagedLayer layer(c, rng);
-      INFO(c.name());
-      run_precompiled(layer, guard.stream);
-      check_against(layer, reference_of(layer), c.name());
+    for (Shape const& shape : shapes) {
+      DecodeCase c =
+          shaped_case(shape.dtype, shape.head_dim, shape.group, 2, shape.page_size, 2, 2);
+      c.seq_slots = {1, 0};
+      c.lengths = {65536, 1, 1, 40000 + static_cast<int>(rng() % 1000)};
+      c.q_stddev = 2.5f;  // peaked softmax: a wrong slot or a lost chunk shows
+      run_and_check(c, rng, guard.stream);
     }
   }
-}
 
-TEST_CASE("decode attention: zero-length heads and inactive rows give out = 0, lse = -inf") {
-  KVC_DECODE_REQUIRE_DEVICE();
-  std::mt19937_64 rng(kvc::test::test_seed() + 3);
-  INFO("seed " << kvc::test::test_seed());
-  StreamGuard guard;
-  DecodeCase c;
-  c.dtype = DType::kBF16;
-  c.head_dim = 128;
-  c.group = 4;
-  c.num_kv_heads = 2;
-  c.page_size = 16;
-  c.batch = 5;
-  c.max_seqs = 3;
-  c.seq_slots = {2, -1, 0, 7, 1};  // rows 1 and 3 are inactive (negative, out of range)
-  c.lengths = {0, 37, 1, 0, 0, 0};  // seq 2: both heads empty
-  PagedLayer layer(c, rng);
-  run_precompiled(layer, guard.stream);
-  Expected const expected = reference_of(layer);
-  for (int b : {1, 3}) {
-    for (int h = 0; h < c.num_q_heads(); ++h) CHECK(std::isinf(expected.lse[b * c.num_q_heads() + h]));
-  }
-  check_against(layer, expected, "inactive rows");
-
-  // A batch with no slot at all: only empty heads, no work items.
-  c.seq_slots = {-1, 2, -1, -1, 2};
-  PagedLayer empty(c, rng);
-  run_precompiled(empty, guard.stream);
-  check_against(empty, reference_of(empty), "all empty");
-}
-
-TEST_CASE("decode attention: many short heads per CTA (one-slot and up to 100 slots)") {
-  KVC_DECODE_REQUIRE_DEVICE();
-  std::mt19937_64 rng(kvc::test::test_seed() + 4);
-  INFO("seed " << kvc::test::test_seed());
-  StreamGuard guard;
-  // 2048 heads of one tile each: every CTA walks several items, so the cross-item pipeline and
-  // the query ring are exercised; then lengths 1..100 with the score output.
-  for (DType dtype : compiled_dtypes()) {
-    for (int max_length : {1, 100}) {
-      DecodeCase c;
-      c.dtype = dtype;
-      c.head_dim = 128;
-      c.group = 4;
-      c.num_kv_heads = 8;
-      c.page_size = 16;
-      c.batch = 256;
-      c.max_seqs = 260;
-      c.seq_slots = shuffled_slots(rng, c.batch, c.max_seqs);
-      c.lengths.resize(static_cast<std::size_t>(c.max_seqs) * c.num_kv_heads);
-      for (int& length : c.lengths) length = std::uniform_int_distribution<int>(1, max_length)(rng);
-      c.probs = max_length > 1;
-      PagedLayer layer(c, rng);
-      INFO(c.name() << " lengths 1.." << max_length);
-      run_precompiled(layer, guard.stream);
-      check_against(layer, reference_of(layer), c.name());
-    }
-  }
-}
-
-TEST_CASE("decode attention: without LSE and score buffers") {
-  KVC_DECODE_REQUIRE_DEVICE();
-  std::mt19937_64 rng(kvc::test::test_seed() + 9);
-  INFO("seed " << kvc::test::test_seed());
-  StreamGuard guard;
-  DecodeCase c;
-  c.dtype = DType::kBF16;
-  c.head_dim = 128;
-  c.group = 4;
-  c.num_kv_heads = 4;
-  c.page_size = 16;
-  c.batch = 5;
-  c.max_seqs = 5;
-  c.seq_slots = shuffled_slots(rng, c.batch, c.max_seqs);
-  c.lengths = ragged_lengths(rng, c.max_seqs * c.num_kv_heads, 900);
-  c.probs = false;
-  PagedLayer layer(c, rng);
-  kvc::DecodeParams params = layer.params();
-  std::size_t bytes = 0;
-  REQUIRE(kvc::decode_attention_workspace_size(params, bytes) == Status::kSuccess);
-  layer.d_workspace.allocate(bytes);
-  layer.d_out.poison();
-  params = layer.params();
-  params.lse = nullptr;
-  REQUIRE(kvc::decode_attention(params, guard.stream) == Status::kSuccess);
-  KVC_DECODE_CUDA(cudaStreamSynchronize(guard.stream));
-  Expected const expected = reference_of(layer);
-  std::vector<unsigned char> out_bytes(expected.out.size() * kvc::dtype_size(c.dtype));
-  layer.d_out.download(out_bytes.data(), out_bytes.size());
-  kvc::test::require_close(decode(out_bytes, c.dtype), expected.out, kvc::default_tolerance(c.dtype), "no lse");
-}
-
-TEST_CASE("decode attention: results are deterministic and the workspace is reusable") {
-  KVC_DECODE_REQUIRE_DEVICE();
-  std::mt19937_64 rng(kvc::test::test_seed() + 5);
-  INFO("seed " << kvc::test::test_seed());
-  StreamGuard guard;
-  DecodeCase c;
-  c.dtype = DType::kBF16;
-  c.head_dim = 128;
-  c.group = 4;
-  c.num_kv_heads = 4;
-  c.page_size = 16;
-  c.batch = 6;
-  c.max_seqs = 6;
-  c.seq_slots = shuffled_slots(rng, c.batch, c.max_seqs);
-  c.lengths = dmc_lengths(rng, c.max_seqs * c.num_kv_heads, 8192, {0.1, 0.1, 0.3, 0.3, 0.2});
-  PagedLayer layer(c, rng);
-  run_precompiled(layer, guard.stream);
-  std::size_t const out_size = static_cast<std::size_t>(c.batch) * c.num_q_heads() * c.head_dim * 2;
-  std::vector<unsigned char> first(out_size), second(out_size);
-  layer.d_out.download(first.data(), out_size);
-  layer.d_out.poison();
-  kvc::DecodeParams const params = layer.params();
-  REQUIRE(kvc::decode_attention(params, guard.stream) == Status::kSuccess);  // same workspace, not poisoned
-  KVC_DECODE_CUDA(cudaStreamSynchronize(guard.stream));
-  layer.d_out.download(second.data(), out_size);
-  CHECK(first == second);
-  check_against(layer, reference_of(layer), "second run");
-}
-
-TEST_CASE("decode attention: CUDA graph replay follows lengths changed on the device") {
-  KVC_DECODE_REQUIRE_DEVICE();
-  std::mt19937_64 rng(kvc::test::test_seed() + 6);
-  INFO("seed " << kvc::test::test_seed());
-  StreamGuard guard;
-  DecodeCase c;
-  c.dtype = DType::kBF16;
-  c.head_dim = 128;
-  c.group = 4;
-  c.num_kv_heads = 2;
-  c.page_size = 16;
-  c.batch = 4;
-  c.max_seqs = 4;
-  c.seq_slots = shuffled_slots(rng, c.batch, c.max_seqs);
-  c.lengths = ragged_lengths(rng, c.max_seqs * c.num_kv_heads, 2000);
-  PagedLayer layer(c, rng, /*extra_pages_per_head=*/40);
-  kvc::DecodeParams params = layer.params();
-  std::size_t bytes = 0;
-  REQUIRE(kvc::decode_attention_workspace_size(params, bytes) == Status::kSuccess);
-  layer.d_workspace.allocate(bytes);
-  params = layer.params();
-
-  cudaGraph_t graph = nullptr;
-  cudaGraphExec_t exec = nullptr;
-  KVC_DECODE_CUDA(cudaStreamBeginCapture(guard.stream, cudaStreamCaptureModeThreadLocal));
-  Status const captured = kvc::decode_attention(params, guard.stream);
-  KVC_DECODE_CUDA(cudaStreamEndCapture(guard.stream, &graph));
-  REQUIRE(captured == Status::kSuccess);
-  KVC_DECODE_CUDA(cudaGraphInstantiate(&exec, graph, 0));
-  for (int replay = 0; replay < 2; ++replay) {
-    if (replay == 1) {
-      // Grow and shrink heads within their pages, as an engine's update kernel would.
-      std::vector<int> lengths = layer.c.lengths;
-      for (std::size_t i = 0; i < lengths.size(); ++i) {
-        lengths[i] = std::uniform_int_distribution<int>(0, layer.capacity[i])(rng);
+  TEST_CASE("decode attention: DMC-like ragged mixes (ratios 1..16 per head), MHA and GQA") {
+    KVC_DECODE_REQUIRE_DEVICE();
+    std::mt19937_64 rng(kvc::test::test_seed() + 2);
+    INFO("seed " << kvc::test::test_seed());
+    StreamGuard guard;
+    std::vector<double> const mix_a = {0.10, 0.10, 0.30, 0.30, 0.20};
+    std::vector<double> const mix_b = {0.02, 0.05, 0.18, 0.35, 0.40};
+#if KVC_CI_MINIMAL
+    int const groups[] = {4};
+#else
+    int const groups[] = {1, 4, 8};
+#endif
+    for (int group : groups) {
+      for (auto const* mix : {&mix_a, &mix_b}) {
+        DecodeCase c = shaped_case(DType::kBF16, 128, group, 16 / group, 16, 8, 10);
+        c.seq_slots = shuffled_slots(rng, c.batch, c.max_seqs);
+        // Enough slots that the chunk bound rises above the minimum (items of several sizes).
+        c.lengths = dmc_lengths(rng, c.max_seqs * c.num_kv_heads, 4096, *mix);
+        c.probs = group == 4;
+        run_and_check(c, rng, guard.stream);
       }
-      layer.upload_lengths(lengths);
     }
+  }
+
+  TEST_CASE("decode attention: zero-length heads and inactive rows give out = 0, lse = -inf") {
+    KVC_DECODE_REQUIRE_DEVICE();
+    std::mt19937_64 rng(kvc::test::test_seed() + 3);
+    INFO("seed " << kvc::test::test_seed());
+    StreamGuard guard;
+    DecodeCase c = shaped_case(DType::kBF16, 128, 4, 2, 16, 5, 3);
+    c.seq_slots = {2, -1, 0, 7, 1};   // rows 1 and 3 are inactive (negative, out of range)
+    c.lengths = {0, 37, 1, 0, 0, 0};  // seq 2: both heads empty
+    PagedLayer layer(c, rng);
+    run_precompiled(layer, guard.stream);
+    Expected const expected = reference_of(layer);
+    for (int b : {1, 3}) {
+      for (int h = 0; h < c.num_q_heads(); ++h)
+        CHECK(std::isinf(expected.lse[b * c.num_q_heads() + h]));
+    }
+    check_against(layer, expected, "inactive rows");
+
+    // A batch with no slot at all: only empty heads, no work items.
+    c.seq_slots = {-1, 2, -1, -1, 2};
+    PagedLayer empty(c, rng);
+    run_precompiled(empty, guard.stream);
+    check_against(empty, reference_of(empty), "all empty");
+  }
+
+  TEST_CASE("decode attention: many short heads per CTA (one-slot and up to 100 slots)") {
+    KVC_DECODE_REQUIRE_DEVICE();
+    std::mt19937_64 rng(kvc::test::test_seed() + 4);
+    INFO("seed " << kvc::test::test_seed());
+    StreamGuard guard;
+    // 2048 heads of one tile each: every CTA walks several items, so the cross-item pipeline and
+    // the query ring are exercised; then lengths 1..100 with the score output.
+    for (DType dtype : compiled_dtypes()) {
+      for (int max_length : {1, 100}) {
+        DecodeCase c = shaped_case(dtype, 128, 4, 8, 16, 256, 260);
+        c.seq_slots = shuffled_slots(rng, c.batch, c.max_seqs);
+        c.lengths.resize(static_cast<std::size_t>(c.max_seqs) * c.num_kv_heads);
+        for (int& length : c.lengths)
+          length = std::uniform_int_distribution<int>(1, max_length)(rng);
+        c.probs = max_length > 1;
+        run_and_check(c, rng, guard.stream, " lengths 1.." + std::to_string(max_length));
+      }
+    }
+  }
+
+  TEST_CASE("decode attention: without LSE and score buffers") {
+    KVC_DECODE_REQUIRE_DEVICE();
+    std::mt19937_64 rng(kvc::test::test_seed() + 9);
+    INFO("seed " << kvc::test::test_seed());
+    StreamGuard guard;
+    DecodeCase c = shaped_case(DType::kBF16, 128, 4, 4, 16, 5, 5);
+    c.seq_slots = shuffled_slots(rng, c.batch, c.max_seqs);
+    c.lengths = ragged_lengths(rng, c.max_seqs * c.num_kv_heads, 900);
+    c.probs = false;
+    PagedLayer layer(c, rng);
+    kvc::DecodeParams params = layer.params();
+    std::size_t bytes = 0;
+    REQUIRE(kvc::decode_attention_workspace_size(params, bytes) == Status::kSuccess);
+    layer.d_workspace.allocate(bytes);
+    layer.d_out.poison();
+    params = layer.params();
+    params.lse = nullptr;
+    REQUIRE(kvc::decode_attention(params, guard.stream) == Status::kSuccess);
+    KVC_DECODE_CUDA(cudaStreamSynchronize(guard.stream));
+    Expected const expected = reference_of(layer);
+    std::vector<unsigned char> out_bytes(expected.out.size() * kvc::dtype_size(c.dtype));
+    layer.d_out.download(out_bytes.data(), out_bytes.size());
+    kvc::test::require_close(decode(out_bytes, c.dtype), expected.out,
+                             kvc::default_tolerance(c.dtype), "no lse");
+  }
+
+  TEST_CASE("decode attention: results are deterministic and the workspace is reusable") {
+    KVC_DECODE_REQUIRE_DEVICE();
+    std::mt19937_64 rng(kvc::test::test_seed() + 5);
+    INFO("seed " << kvc::test::test_seed());
+    StreamGuard guard;
+    DecodeCase c = shaped_case(DType::kBF16, 128, 4, 4, 16, 6, 6);
+    c.seq_slots = shuffled_slots(rng, c.batch, c.max_seqs);
+    c.lengths = dmc_lengths(rng, c.max_seqs * c.num_kv_heads, 8192, {0.1, 0.1, 0.3, 0.3, 0.2});
+    PagedLayer layer(c, rng);
+    run_precompiled(layer, guard.stream);
+    std::size_t const out_size =
+        static_cast<std::size_t>(c.batch) * c.num_q_heads() * c.head_dim * 2;
+    std::vector<unsigned char> first(out_size), second(out_size);
+    layer.d_out.download(first.data(), out_size);
+    layer.d_out.poison();
+    kvc::DecodeParams const params = layer.params();
+    REQUIRE(kvc::decode_attention(params, guard.stream) ==
+            Status::kSuccess);  // same workspace, not poisoned
+    KVC_DECODE_CUDA(cudaStreamSynchronize(guard.stream));
+    layer.d_out.download(second.data(), out_size);
+    CHECK(first == second);
+    check_against(layer, reference_of(layer), "second run");
+  }
+
+  TEST_CASE("decode attention: CUDA graph replay follows lengths changed on the device") {
+    KVC_DECODE_REQUIRE_DEVICE();
+    std::mt19937_64 rng(kvc::test::test_seed() + 6);
+    INFO("seed " << kvc::test::test_seed());
+    StreamGuard guard;
+    DecodeCase c = shaped_case(DType::kBF16, 128, 4, 2, 16, 4, 4);
+    c.seq_slots = shuffled_slots(rng, c.batch, c.max_seqs);
+    c.lengths = ragged_lengths(rng, c.max_seqs * c.num_kv_heads, 2000);
+    PagedLayer layer(c, rng, /*extra_pages_per_head=*/40);
+    kvc::DecodeParams params = layer.params();
+    std::size_t bytes = 0;
+    REQUIRE(kvc::decode_attention_workspace_size(params, bytes) == Status::kSuccess);
+    layer.d_workspace.allocate(bytes);
+    params = layer.params();
+
+    cudaGraph_t graph = nullptr;
+    cudaGraphExec_t exec = nullptr;
+    KVC_DECODE_CUDA(cudaStreamBeginCapture(guard.stream, cudaStreamCaptureModeThreadLocal));
+    Status const captured = kvc::decode_attention(params, guard.stream);
+    KVC_DECODE_CUDA(cudaStreamEndCapture(guard.stream, &graph));
+    REQUIRE(captured == Status::kSuccess);
+    KVC_DECODE_CUDA(cudaGraphInstantiate(&exec, graph, 0));
+    for (int replay = 0; replay < 2; ++replay) {
+      if (replay == 1) {
+        // Grow and shrink heads within their pages, as an engine's update kernel would.
+        std::vector<int> lengths = layer.c.lengths;
+        for (std::size_t i = 0; i < lengths.size(); ++i) {
+          lengths[i] = std::uniform_int_distribution<int>(0, layer.capacity[i])(rng);
+        }
+        layer.upload_lengths(lengths);
+      }
+      layer.d_out.poison();
+      layer.d_lse.poison();
+      layer.d_probs.poison();
+      KVC_DECODE_CUDA(cudaGraphLaunch(exec, guard.stream));
+      KVC_DECODE_CUDA(cudaStreamSynchronize(guard.stream));
+      check_against(layer, reference_of(layer), "graph replay " + std::to_string(replay));
+    }
+    cudaGraphExecDestroy(exec);
+    cudaGraphDestroy(graph);
+  }
+
+#if !KVC_CI_MINIMAL
+  TEST_CASE("decode attention: a logits-transform variant (soft cap), header-only instantiation") {
+    KVC_DECODE_REQUIRE_DEVICE();
+    std::mt19937_64 rng(kvc::test::test_seed() + 7);
+    INFO("seed " << kvc::test::test_seed());
+    StreamGuard guard;
+    using Instance = kvc::DecodeAttention<kvc::SoftCapVariant, __nv_bfloat16, 128, 4>;
+    DecodeCase c = shaped_case(DType::kBF16, 128, 4, 2, 16, 3, 3);
+    c.seq_slots = shuffled_slots(rng, c.batch, c.max_seqs);
+    c.lengths = ragged_lengths(rng, c.max_seqs * c.num_kv_heads, 700);
+    c.q_stddev = 4.0f;  // logits well beyond the cap: the transform matters
+    c.soft_cap = 2.5f;
+    PagedLayer layer(c, rng);
+    kvc::DecodeParams params = layer.params();
+    std::size_t bytes = 0;
+    REQUIRE(Instance::workspace_size(params, bytes) == Status::kSuccess);
+    layer.d_workspace.allocate(bytes);
+    layer.d_workspace.poison();
     layer.d_out.poison();
     layer.d_lse.poison();
     layer.d_probs.poison();
-    KVC_DECODE_CUDA(cudaGraphLaunch(exec, guard.stream));
+    params = layer.params();
+    REQUIRE(Instance::run(params, guard.stream) == Status::kSuccess);
     KVC_DECODE_CUDA(cudaStreamSynchronize(guard.stream));
-    check_against(layer, reference_of(layer), "graph replay " + std::to_string(replay));
+    check_against(layer, reference_of(layer), "soft cap");
+
+    params.logits_soft_cap = 0.0f;
+    CHECK(Instance::run(params, guard.stream) == Status::kErrorInvalidArgument);
   }
-  cudaGraphExecDestroy(exec);
-  cudaGraphDestroy(graph);
-}
-
-#if !KVC_CI_MINIMAL
-TEST_CASE("decode attention: a logits-transform variant (soft cap), header-only instantiation") {
-  KVC_DECODE_REQUIRE_DEVICE();
-  std::mt19937_64 rng(kvc::test::test_seed() + 7);
-  INFO("seed " << kvc::test::test_seed());
-  StreamGuard guard;
-  using Instance = kvc::DecodeAttention<kvc::SoftCapVariant, __nv_bfloat16, 128, 4>;
-  DecodeCase c;
-  c.dtype = DType::kBF16;
-  c.head_dim = 128;
-  c.group = 4;
-  c.num_kv_heads = 2;
-  c.page_size = 16;
-  c.batch = 3;
-  c.max_seqs = 3;
-  c.seq_slots = shuffled_slots(rng, c.batch, c.max_seqs);
-  c.lengths = ragged_lengths(rng, c.max_seqs * c.num_kv_heads, 700);
-  c.q_stddev = 4.0f;  // logits well beyond the cap: the transform matters
-  c.soft_cap = 2.5f;
-  PagedLayer layer(c, rng);
-  kvc::DecodeParams params = layer.params();
-  std::size_t bytes = 0;
-  REQUIRE(Instance::workspace_size(params, bytes) == Status::kSuccess);
-  layer.d_workspace.allocate(bytes);
-  layer.d_workspace.poison();
-  layer.d_out.poison();
-  layer.d_lse.poison();
-  layer.d_probs.poison();
-  params = layer.params();
-  REQUIRE(Instance::run(params, guard.stream) == Status::kSuccess);
-  KVC_DECODE_CUDA(cudaStreamSynchronize(guard.stream));
-  check_against(layer, reference_of(layer), "soft cap");
-
-  params.logits_soft_cap = 0.0f;
-  CHECK(Instance::run(params, guard.stream) == Status::kErrorInvalidArgument);
-}
 #endif
 
-TEST_CASE("decode attention: unsupported combinations and invalid calls return a Status") {
-  KVC_DECODE_REQUIRE_DEVICE();
-  std::mt19937_64 rng(kvc::test::test_seed() + 8);
-  StreamGuard guard;
-  DecodeCase c;
-  c.dtype = DType::kBF16;
-  c.head_dim = 128;
-  c.group = 4;
-  c.num_kv_heads = 2;
-  c.batch = 2;
-  c.max_seqs = 2;
-  c.seq_slots = {0, 1};
-  c.lengths = {5, 6, 7, 8};
-  PagedLayer layer(c, rng);
-  kvc::DecodeParams params = layer.params();
-  std::size_t bytes = 0;
-  REQUIRE(kvc::decode_attention_workspace_size(params, bytes) == Status::kSuccess);
-  layer.d_workspace.allocate(bytes);
-  kvc::DecodeParams const valid = layer.params();
+  TEST_CASE("decode attention: unsupported combinations and invalid calls return a Status") {
+    KVC_DECODE_REQUIRE_DEVICE();
+    std::mt19937_64 rng(kvc::test::test_seed() + 8);
+    StreamGuard guard;
+    DecodeCase c = shaped_case(DType::kBF16, 128, 4, 2, 16, 2, 2);
+    c.seq_slots = {0, 1};
+    c.lengths = {5, 6, 7, 8};
+    PagedLayer layer(c, rng);
+    kvc::DecodeParams params = layer.params();
+    std::size_t bytes = 0;
+    REQUIRE(kvc::decode_attention_workspace_size(params, bytes) == Status::kSuccess);
+    layer.d_workspace.allocate(bytes);
+    kvc::DecodeParams const valid = layer.params();
 
-  auto expect = [&](kvc::DecodeParams const& p, Status status, char const* what) {
-    std::size_t size = 0;
-    Status const run = kvc::decode_attention(p, guard.stream);
-    CHECK_MESSAGE(run == status, what << ": run returned " << kvc::to_string(run));
-    if (status == Status::kErrorNotSupported || status == Status::kErrorInvalidShape) {
-      Status const query = kvc::decode_attention_workspace_size(p, size);
-      CHECK_MESSAGE(query == status, what << ": size query returned " << kvc::to_string(query));
-    }
-  };
-  params = valid;
-  params.cache.head_dim = 96;
-  expect(params, Status::kErrorNotSupported, "head dim 96");
-  params = valid;
-  params.cache.head_dim = 512;
-  expect(params, Status::kErrorNotSupported, "head dim 512");
-  params = valid;
-  params.num_q_heads = 6;  // G = 3
-  expect(params, Status::kErrorNotSupported, "group 3");
-  params = valid;
-  params.num_q_heads = 32;  // G = 16
-  expect(params, Status::kErrorNotSupported, "group 16");
-  params = valid;
-  params.num_q_heads = 5;
-  expect(params, Status::kErrorInvalidShape, "q heads not a multiple of KV heads");
-  params = valid;
-  params.dtype = static_cast<DType>(7);
-  expect(params, Status::kErrorNotSupported, "unknown dtype");
+    auto expect = [&](kvc::DecodeParams const& p, Status status, char const* what) {
+      std::size_t size = 0;
+      Status const run = kvc::decode_attention(p, guard.stream);
+      CHECK_MESSAGE(run == status, what << ": run returned " << kvc::to_string(run));
+      if (status == Status::kErrorNotSupported || status == Status::kErrorInvalidShape) {
+        Status const query = kvc::decode_attention_workspace_size(p, size);
+        CHECK_MESSAGE(query == status, what << ": size query returned " << kvc::to_string(query));
+      }
+    };
+    params = valid;
+    params.cache.head_dim = 96;
+    expect(params, Status::kErrorNotSupported, "head dim 96");
+    params = valid;
+    params.cache.head_dim = 512;
+    expect(params, Status::kErrorNotSupported, "head dim 512");
+    params = valid;
+    params.num_q_heads = 6;  // G = 3
+    expect(params, Status::kErrorNotSupported, "group 3");
+    params = valid;
+    params.num_q_heads = 32;  // G = 16
+    expect(params, Status::kErrorNotSupported, "group 16");
+    params = valid;
+    params.num_q_heads = 5;
+    expect(params, Status::kErrorInvalidShape, "q heads not a multiple of KV heads");
+    params = valid;
+    params.dtype = static_cast<DType>(7);
+    expect(params, Status::kErrorNotSupported, "unknown dtype");
 #if KVC_CI_MINIMAL
-  params = valid;
-  params.dtype = DType::kF16;
-  expect(params, Status::kErrorNotSupported, "fp16 not compiled in the minimal build");
-  CHECK_FALSE(kvc::decode_attention_supported(DType::kF16, 128, 4));
+    params = valid;
+    params.dtype = DType::kF16;
+    expect(params, Status::kErrorNotSupported, "fp16 not compiled in the minimal build");
+    CHECK_FALSE(kvc::decode_attention_supported(DType::kF16, 128, 4));
 #endif
-  CHECK_FALSE(kvc::decode_attention_supported(DType::kBF16, 96, 4));
-  CHECK_FALSE(kvc::decode_attention_supported(DType::kBF16, 128, 3));
-  params = valid;
-  params.q = nullptr;
-  expect(params, Status::kErrorInvalidArgument, "null q");
-  params = valid;
-  params.workspace_bytes = bytes - 1;
-  expect(params, Status::kErrorSizeMismatch, "workspace too small");
-  params = valid;
-  params.scale = -1.0f;
-  expect(params, Status::kErrorInvalidArgument, "negative scale");
-  params = valid;
-  params.q = static_cast<char const*>(params.q) + 2;
-  expect(params, Status::kErrorInvalidArgument, "misaligned q");
-  params = valid;
-  params.scores.probs = layer.d_probs.get<float>();
-  params.scores.stride = 0;
-  expect(params, Status::kErrorInvalidArgument, "score stride 0");
-  params = valid;
-  params.batch = 0;
-  expect(params, Status::kSuccess, "empty batch");
-  KVC_DECODE_CUDA(cudaStreamSynchronize(guard.stream));
-}
+    CHECK_FALSE(kvc::decode_attention_supported(DType::kBF16, 96, 4));
+    CHECK_FALSE(kvc::decode_attention_supported(DType::kBF16, 128, 3));
+    params = valid;
+    params.q = nullptr;
+    expect(params, Status::kErrorInvalidArgument, "null q");
+    params = valid;
+    params.workspace_bytes = bytes - 1;
+    expect(params, Status::kErrorSizeMismatch, "workspace too small");
+    params = valid;
+    params.scale = -1.0f;
+    expect(params, Status::kErrorInvalidArgument, "negative scale");
+    params = valid;
+    params.q = static_cast<char const*>(params.q) + 2;
+    expect(params, Status::kErrorInvalidArgument, "misaligned q");
+    params = valid;
+    params.scores.probs = layer.d_probs.get<float>();
+    params.scores.stride = 0;
+    expect(params, Status::kErrorInvalidArgument, "score stride 0");
+    params = valid;
+    params.batch = 0;
+    expect(params, Status::kSuccess, "empty batch");
+    KVC_DECODE_CUDA(cudaStreamSynchronize(guard.stream));
+  }
 }

@@ -17,6 +17,9 @@
 
 #include "kvc/reference/h2o.hpp"
 
+#include "reference_inputs.hpp"
+#include "reference_state_checks.hpp"
+#include "reference_sweep.hpp"
 #include "test_support.hpp"
 
 using namespace kvc;
@@ -24,54 +27,12 @@ using namespace kvc::reference;
 
 namespace {
 
-LayerSpec make_spec(int q_heads, int kv_heads, int head_dim, DType dtype,
-                    RopeLayout layout = RopeLayout::kRotateHalf) {
-  LayerSpec spec;
-  spec.num_q_heads = q_heads;
-  spec.num_kv_heads = kv_heads;
-  spec.head_dim = head_dim;
-  spec.dtype = dtype;
-  spec.rope.layout = layout;
-  return spec;
-}
-
-//! Pre-RoPE inputs of a run, indexed by token position: q [T, Hq, D], k and v [T, Hkv, D].
-struct Inputs {
-  std::vector<float> q, k, v;
-};
-
-Inputs random_inputs(std::mt19937_64& rng, LayerSpec const& spec, int tokens) {
-  std::size_t const t = static_cast<std::size_t>(tokens);
-  Inputs in;
-  in.q = test::random_normal(rng, t * spec.num_q_heads * spec.head_dim, DType::kF32, 1.5f);
-  in.k = test::random_normal(rng, t * spec.num_kv_heads * spec.head_dim, DType::kF32, 1.5f);
-  in.v = test::random_normal(rng, t * spec.num_kv_heads * spec.head_dim);
-  return in;
-}
-
-DecodeInput token_input(LayerSpec const& spec, Inputs const& in, std::int64_t t) {
-  std::size_t const qs = static_cast<std::size_t>(spec.num_q_heads) * spec.head_dim;
-  std::size_t const ks = static_cast<std::size_t>(spec.num_kv_heads) * spec.head_dim;
-  return DecodeInput{ConstSpan(in.q.data() + t * qs, qs), ConstSpan(in.k.data() + t * ks, ks),
-                     ConstSpan(in.v.data() + t * ks, ks)};
-}
-
-PrefillInput chunk_input(LayerSpec const& spec, Inputs const& in, std::int64_t start, int count) {
-  std::size_t const qs = static_cast<std::size_t>(spec.num_q_heads) * spec.head_dim;
-  std::size_t const ks = static_cast<std::size_t>(spec.num_kv_heads) * spec.head_dim;
-  return PrefillInput{count, ConstSpan(in.q.data() + start * qs, count * qs),
-                      ConstSpan(in.k.data() + start * ks, count * ks),
-                      ConstSpan(in.v.data() + start * ks, count * ks)};
-}
-
-//! Round to the dtype, rotate at `position`, round again: what a cache stores (and the q used).
-std::vector<float> stored(LayerSpec const& spec, float const* x, std::int64_t position) {
-  std::vector<float> r(x, x + spec.head_dim);
-  for (float& e : r) e = round_to_dtype(e, spec.dtype);
-  apply_rope(r.data(), spec.head_dim, spec.rope, position);
-  for (float& e : r) e = round_to_dtype(e, spec.dtype);
-  return r;
-}
+using test::chunk_input;
+using test::Inputs;
+using test::make_spec;
+using test::random_inputs;
+using test::stored;
+using test::token_input;
 
 //! An independent model of H2O's bookkeeping: the alive positions of each KV head with their
 //! scores accumulated in double from a naive softmax. Eviction decisions are read back from the
@@ -364,36 +325,21 @@ TEST_SUITE("host") {
   TEST_CASE("h2o: scores, outputs and the budget over long random runs") {
     std::mt19937_64 rng(test::test_seed() + 1);
     INFO("seed " << test::test_seed());
-    struct Shape {
-      int q_heads, kv_heads, head_dim;
-    };
-    Shape const shapes[] = {{2, 2, 16}, {8, 2, 16}, {8, 1, 32}, {16, 2, 8}};
     H2OConfig const configs[] = {{6, 4}, {10, 0}, {1, 9}, {1, 1}};
-    DType const dtypes[] = {DType::kF32, DType::kF16, DType::kBF16};
-    RopeLayout const layouts[] = {RopeLayout::kRotateHalf, RopeLayout::kInterleaved,
-                                  RopeLayout::kNone};
-    int index = 0;
-    for (Shape const& shape : shapes) {
-      for (H2OConfig const& config : configs) {
-        DType const dtype = dtypes[index % 3];
-        RopeLayout const layout = layouts[(index / 3) % 3];
-        ++index;
-        LayerSpec const spec =
-            make_spec(shape.q_heads, shape.kv_heads, shape.head_dim, dtype, layout);
-        INFO("Hq " << shape.q_heads << " Hkv " << shape.kv_heads << " D " << shape.head_dim << " "
-                   << dtype_name(dtype) << " " << rope_layout_name(layout) << " heavy "
-                   << config.heavy << " recent " << config.recent);
-        // Decode from empty, a prefill chunk that overflows the budget (appended to unordered
-        // slots), more decode, a small chunk, more decode.
-        std::vector<int> plan(30, 0);
-        plan.push_back(13);
-        plan.insert(plan.end(), 40, 0);
-        plan.push_back(2);
-        plan.insert(plan.end(), 20, 0);
-        int const evictions = run_and_check(rng, spec, config, plan);
-        CHECK(evictions > 0);
-      }
-    }
+    test::for_each_swept_spec(configs, [&](LayerSpec const& spec, H2OConfig const& config) {
+      INFO("Hq " << spec.num_q_heads << " Hkv " << spec.num_kv_heads << " D " << spec.head_dim
+                 << " " << dtype_name(spec.dtype) << " " << rope_layout_name(spec.rope.layout)
+                 << " heavy " << config.heavy << " recent " << config.recent);
+      // Decode from empty, a prefill chunk that overflows the budget (appended to unordered
+      // slots), more decode, a small chunk, more decode.
+      std::vector<int> plan(30, 0);
+      plan.push_back(13);
+      plan.insert(plan.end(), 40, 0);
+      plan.push_back(2);
+      plan.insert(plan.end(), 20, 0);
+      int const evictions = run_and_check(rng, spec, config, plan);
+      CHECK(evictions > 0);
+    });
   }
 
   TEST_CASE("h2o: chunked prefill then decode") {
@@ -508,18 +454,7 @@ TEST_SUITE("host") {
             Status::kSuccess);
     H2OLayerState const before = state;
     AttentionOutput const out_before = out;
-    auto unchanged = [&] {
-      CHECK(state.tokens_seen == before.tokens_seen);
-      REQUIRE(state.heads.size() == before.heads.size());
-      for (std::size_t h = 0; h < before.heads.size(); ++h) {
-        CHECK(state.heads[h].k == before.heads[h].k);
-        CHECK(state.heads[h].v == before.heads[h].v);
-        CHECK(state.heads[h].position == before.heads[h].position);
-        CHECK(state.heads[h].score == before.heads[h].score);
-      }
-      CHECK(out.out == out_before.out);
-      CHECK(out.lse == out_before.lse);
-    };
+    auto unchanged = [&] { test::check_state_unchanged(state, before, out, out_before); };
     DecodeInput const token = token_input(spec, in, 9);
     PrefillInput const chunk = chunk_input(spec, in, 9, 3);
 

@@ -45,27 +45,6 @@ inline H2OLayerState make_h2o_state(LayerSpec const& spec) {
 
 namespace kvc::detail {
 
-//! kSuccess when every head of `heads` has consistent k, v, position and score sizes for
-//! `spec`, and every position lies in [0, tokens_seen).
-inline Status check_scored_heads(reference::LayerSpec const& spec,
-                                 std::vector<reference::HeadCache> const& heads,
-                                 std::int64_t tokens_seen) {
-  if (static_cast<int>(heads.size()) != spec.num_kv_heads) return Status::kErrorSizeMismatch;
-  if (tokens_seen < 0) return Status::kErrorInvalidArgument;
-  std::size_t const d = static_cast<std::size_t>(spec.head_dim);
-  for (reference::HeadCache const& head : heads) {
-    std::size_t const slots = head.position.size();
-    if (head.k.size() != slots * d || head.v.size() != slots * d || head.score.size() != slots) {
-      return Status::kErrorSizeMismatch;
-    }
-    if (static_cast<std::int64_t>(slots) > tokens_seen) return Status::kErrorInvalidArgument;
-    for (std::int64_t position : head.position) {
-      if (position < 0 || position >= tokens_seen) return Status::kErrorInvalidArgument;
-    }
-  }
-  return Status::kSuccess;
-}
-
 //! The probabilities slot `slot` received from query `query` on the G query heads of KV head
 //! `kv_head`, in query-head order. // out: [G]
 inline void gather_group_probabilities(reference::LayerSpec const& spec,
@@ -102,11 +81,7 @@ inline Status h2o_decode_step(LayerSpec const& spec, H2OConfig const& config, H2
   std::int64_t const t = state.tokens_seen;
 
   std::vector<HeadCache> heads = state.heads;
-  for (int h = 0; h < spec.num_kv_heads; ++h) {
-    std::size_t const row = static_cast<std::size_t>(h) * d;
-    push_slot(heads[h], rotated_key(spec, input.k.data + row, t), input.v.data + row, d, spec.dtype,
-              t, true);
-  }
+  kvc::detail::push_scored_token(spec, input, t, heads);
   std::vector<float> const q = rotated_query(spec, input.q.data, t);
   AttentionOutput result;
   AttentionProbabilities probabilities;

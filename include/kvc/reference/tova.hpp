@@ -24,7 +24,6 @@
 #include "kvc/policy/tova.hpp"
 #include "kvc/reference/attention.hpp"
 #include "kvc/reference/chunk.hpp"
-#include "kvc/reference/h2o.hpp"
 #include "kvc/reference/types.hpp"
 
 namespace kvc::reference {
@@ -94,11 +93,7 @@ inline Status tova_decode_step(LayerSpec const& spec, TovaConfig const& config,
   std::int64_t const t = state.tokens_seen;
 
   std::vector<HeadCache> heads = state.heads;
-  for (int h = 0; h < spec.num_kv_heads; ++h) {
-    std::size_t const row = static_cast<std::size_t>(h) * d;
-    push_slot(heads[h], rotated_key(spec, input.k.data + row, t), input.v.data + row, d, spec.dtype,
-              t, true);
-  }
+  kvc::detail::push_scored_token(spec, input, t, heads);
   std::vector<float> const q = rotated_query(spec, input.q.data, t);
   AttentionOutput result;
   AttentionProbabilities probabilities;

@@ -1,6 +1,7 @@
 //! @file
 //! Types shared by the CPU reference of every policy: the layer spec, a bounds-carrying view of
-//! host buffers, the slots of one KV head, and step/prefill inputs and outputs.
+//! host buffers, the slots of one KV head, and step/prefill inputs and outputs; plus the slot
+//! helpers of the scored (evicting) policies H2O and TOVA.
 //!
 //! Conventions of the reference (the kernels follow them too):
 //! - q, k and v enter pre-RoPE and are first rounded to the cache dtype (what a kernel receives).
@@ -29,7 +30,8 @@ struct ConstSpan {
 
   ConstSpan() = default;
   ConstSpan(float const* data_, std::size_t size_) : data(data_), size(size_) {}
-  ConstSpan(std::vector<float> const& values) : data(values.data()), size(values.size()) {}  // NOLINT
+  ConstSpan(std::vector<float> const& values)
+      : data(values.data()), size(values.size()) {}  // NOLINT
   float operator[](std::size_t i) const { return data[i]; }
 };
 
@@ -44,7 +46,8 @@ struct LayerSpec {
 
   int group_size() const { return num_q_heads / num_kv_heads; }
   float softmax_scale() const {
-    return scale > 0.0f ? scale : static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)));
+    return scale > 0.0f ? scale
+                        : static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)));
   }
   Status validate() const {
     ModelShape const shape{1, num_q_heads, num_kv_heads, head_dim};
@@ -130,7 +133,8 @@ inline void round_in_place(std::vector<float>& values, DType dtype) {
 //! `zeroed_dim` (>= 0) is zeroed before and after RoPE (DMC's decision neuron).
 inline std::vector<float> rotated_query(LayerSpec const& spec, float const* q_pre_rope,
                                         std::int64_t position, int zeroed_dim = -1) {
-  std::vector<float> q(q_pre_rope, q_pre_rope + static_cast<std::size_t>(spec.num_q_heads) * spec.head_dim);
+  std::vector<float> q(q_pre_rope,
+                       q_pre_rope + static_cast<std::size_t>(spec.num_q_heads) * spec.head_dim);
   for (int h = 0; h < spec.num_q_heads; ++h) {
     float* head = q.data() + static_cast<std::size_t>(h) * spec.head_dim;
     for (int i = 0; i < spec.head_dim; ++i) head[i] = round_to_dtype(head[i], spec.dtype);
@@ -160,8 +164,8 @@ inline std::vector<float> rotated_key(LayerSpec const& spec, float const* k_pre_
 }
 
 //! Appends one slot (key already as stored) to a head.
-inline void push_slot(HeadCache& head, std::vector<float> const& key, float const* value, int head_dim,
-                      DType dtype, std::int64_t position, bool with_score) {
+inline void push_slot(HeadCache& head, std::vector<float> const& key, float const* value,
+                      int head_dim, DType dtype, std::int64_t position, bool with_score) {
   head.k.insert(head.k.end(), key.begin(), key.end());
   for (int i = 0; i < head_dim; ++i) head.v.push_back(round_to_dtype(value[i], dtype));
   head.position.push_back(position);
@@ -192,7 +196,8 @@ inline void keep_slots_by_position(HeadCache& head, std::vector<bool> const& kee
   for (int s = 0; s < head.size(); ++s) {
     if (keep[s]) order.push_back(s);
   }
-  std::sort(order.begin(), order.end(), [&](int a, int b) { return head.position[a] < head.position[b]; });
+  std::sort(order.begin(), order.end(),
+            [&](int a, int b) { return head.position[a] < head.position[b]; });
   HeadCache kept;
   for (int s : order) {
     kept.k.insert(kept.k.end(), head.k.begin() + static_cast<std::ptrdiff_t>(s) * head_dim,
@@ -206,3 +211,40 @@ inline void keep_slots_by_position(HeadCache& head, std::vector<bool> const& kee
 }
 
 }  // namespace kvc::reference
+
+namespace kvc::detail {
+
+//! kSuccess when every head of `heads` has consistent k, v, position and score sizes for
+//! `spec`, and every position lies in [0, tokens_seen).
+inline Status check_scored_heads(reference::LayerSpec const& spec,
+                                 std::vector<reference::HeadCache> const& heads,
+                                 std::int64_t tokens_seen) {
+  if (static_cast<int>(heads.size()) != spec.num_kv_heads) return Status::kErrorSizeMismatch;
+  if (tokens_seen < 0) return Status::kErrorInvalidArgument;
+  std::size_t const d = static_cast<std::size_t>(spec.head_dim);
+  for (reference::HeadCache const& head : heads) {
+    std::size_t const slots = head.position.size();
+    if (head.k.size() != slots * d || head.v.size() != slots * d || head.score.size() != slots) {
+      return Status::kErrorSizeMismatch;
+    }
+    if (static_cast<std::int64_t>(slots) > tokens_seen) return Status::kErrorInvalidArgument;
+    for (std::int64_t position : head.position) {
+      if (position < 0 || position >= tokens_seen) return Status::kErrorInvalidArgument;
+    }
+  }
+  return Status::kSuccess;
+}
+
+//! Appends token `t` (pre-RoPE k and v of `input`) as a new slot with score 0 to every KV head.
+//! // heads: [num_kv_heads]
+inline void push_scored_token(reference::LayerSpec const& spec, reference::DecodeInput const& input,
+                              std::int64_t t, std::vector<reference::HeadCache>& heads) {
+  int const d = spec.head_dim;
+  for (int h = 0; h < spec.num_kv_heads; ++h) {
+    std::size_t const row = static_cast<std::size_t>(h) * d;
+    reference::push_slot(heads[h], reference::rotated_key(spec, input.k.data + row, t),
+                         input.v.data + row, d, spec.dtype, t, true);
+  }
+}
+
+}  // namespace kvc::detail
