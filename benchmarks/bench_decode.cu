@@ -7,32 +7,55 @@
 //   b) full_32x8_B64_L4096, full_32x4_B64_L4096 full cache, GQA
 //   c) mixA_32x32_B64_L4096, mixB_32x32_...     DMC-like: each (sequence, KV head) keeps L / r
 //                                               slots, r in {1,2,4,8,16} with probabilities
-//                                               A = {.10,.10,.30,.30,.20}, B = {.02,.05,.18,.35,.40}
+//                                               A = {.10,.10,.30,.30,.20},
+//                                               B = {.02,.05,.18,.35,.40}
 //   d) mixA/mixB with GQA 32x8 and 32x4
 //   e) full and mixA, MHA, B = 1, 8, 32 at L = 1024 and 4096 (eager and CUDA-graph launches)
 //   f) scores_32x32_B64_L4096 / scores_32x8_...: every head at a budget of L / 4 slots with the
 //      per-slot probability output (H2O/TOVA), timed against the same call without it.
+// A shape whose (bf16, D = 128, G) kernel is not compiled (KVC_CI_MINIMAL builds only G = 4)
+// reports SkipWithError.
 //
 // Timing: CUDA events around kCallsPerTiming back-to-back calls that rotate over several copies
 // of the cache (disjoint page sets of one pool; enough copies that a round reads at least 8x
-// the L2 size, so every call reads HBM, not L2); time per call = elapsed / calls; Google
-// Benchmark repetitions report the median. Counters: bytes (K+V kept + q + out), GBps,
+// the L2 size, so every call reads HBM, not L2); time per call = elapsed / calls. Each shape
+// runs kRepetitions Google Benchmark repetitions of kTimingsPerRepetition timings (fixed
+// iteration count, no min-time search), each repetition after one untimed warm-up timing; the
+// median of the repetitions is reported. Counters: bytes (K+V kept + q + out), GBps,
 // bw_fraction (of the streaming-read probe measured in this process at start-up), us per call,
 // compression (tokens / slots kept), and for (f) scores_overhead = t(scores) / t(plain) - 1.
-#include <benchmark/benchmark.h>
-#include <cuda_bf16.h>
-#include <cuda_runtime.h>
-
+//
+// Set-up is kept off the critical path: the K and V pools are allocated once, at the largest
+// size any runnable shape needs, and filled on the device (support/device_fill.cuh); every shape
+// uses the pool's first pages. Per shape, only the page tables (a host shuffle of at most 0.5 M
+// page ids, 2 MiB), q/out/lse and the workspace are built, once for all its repetitions.
+//
+// Run time (ESTIMATE from bytes / bandwidth, not measured): all 35 shapes together read about
+// 4 TB of K/V (warm-up and timed calls, both passes of (f)), about 1.4 s at 3 TB/s; small calls
+// add tens of microseconds each; plus CUDA start-up, the probe and one 4 GiB pool fill. Expect
+// roughly 3-6 s of wall time for the whole suite on an H100 (of which shape (a) alone ~0.3 s).
+// Subsets (Google Benchmark regex filter):
+//   --benchmark_filter='decode/(full|mixA|mixB)_32x(32|8|4)_B64_'   a-d (~0.6 s of K/V reads)
+//   --benchmark_filter='decode/(full|mixA)_32x32_B(1|8|32)_'        e   (~0.6 s)
+//   --benchmark_filter='decode/scores_'                              f   (~0.2 s)
+// (Benchmark names carry the suffix /iterations:1/repeats:5/manual_time.)
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
+#include <memory>
 #include <numeric>
 #include <random>
 #include <string>
 #include <vector>
 
-#include "bandwidth.cuh"
+#include <benchmark/benchmark.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
 #include "kvc/attention/decode_api.cuh"
+
+#include "bandwidth.cuh"
+#include "device_fill.cuh"
 
 namespace {
 
@@ -41,8 +64,15 @@ constexpr int kHeadDim = 128;
 constexpr int kPageSize = 16;
 constexpr int kCallsPerTiming = 20;
 constexpr int kMaxCopies = 64;
+constexpr int kRepetitions = 5;
+constexpr int kTimingsPerRepetition = 1;
+constexpr std::uint64_t kLayoutSeed = 20261123;
+constexpr std::uint64_t kKSeed = 1;
+constexpr std::uint64_t kVSeed = 2;
+constexpr std::uint64_t kQSeed = 3;
 
 double g_probe_gbps = 0.0;
+int g_l2_bytes = 0;
 
 enum class Mix { kFull, kA, kB, kBudget };
 
@@ -65,162 +95,156 @@ struct Shape {
   bool graph = false;
 
   std::string key() const {
-    return std::string(mix_name(mix)) + "_" + std::to_string(q_heads) + "x" + std::to_string(kv_heads) + "_B" +
-           std::to_string(batch) + "_L" + std::to_string(length) + (graph ? "_graph" : "");
+    return std::string(mix_name(mix)) + "_" + std::to_string(q_heads) + "x" +
+           std::to_string(kv_heads) + "_B" + std::to_string(batch) + "_L" + std::to_string(length) +
+           (graph ? "_graph" : "");
+  }
+  int group_size() const { return kv_heads > 0 ? q_heads / kv_heads : 0; }
+  bool supported() const {
+    return q_heads % kv_heads == 0 &&
+           kvc::decode_attention_supported(kvc::DType::kBF16, kHeadDim, group_size());
   }
 };
 
-#define BENCH_CUDA(expr, state)                                                       \
-  do {                                                                                \
-    cudaError_t const bench_error_ = (expr);                                          \
-    if (bench_error_ != cudaSuccess) {                                                \
+#define BENCH_CUDA(expr, state)                                                                    \
+  do {                                                                                             \
+    cudaError_t const bench_error_ = (expr);                                                       \
+    if (bench_error_ != cudaSuccess) {                                                             \
       (state).SkipWithError((std::string(#expr ": ") + cudaGetErrorString(bench_error_)).c_str()); \
-      return;                                                                         \
-    }                                                                                 \
+      return;                                                                                      \
+    }                                                                                              \
   } while (0)
 
-#define BENCH_STATUS(expr, state)                                                     \
-  do {                                                                                \
-    kvc::Status const bench_status_ = (expr);                                         \
-    if (bench_status_ != kvc::Status::kSuccess) {                                     \
-      (state).SkipWithError((std::string(#expr ": ") + kvc::to_string(bench_status_)).c_str()); \
-      return;                                                                         \
-    }                                                                                 \
+// Set-up helpers return an error message ("" on success) instead of touching the State.
+#define SETUP_CUDA(expr)                                                 \
+  do {                                                                   \
+    cudaError_t const setup_error_ = (expr);                             \
+    if (setup_error_ != cudaSuccess)                                     \
+      return std::string(#expr ": ") + cudaGetErrorString(setup_error_); \
   } while (0)
 
-//! Fills `count` bf16 values with a hash of the index in [-1, 1) (pools of gigabytes, no host copy).
-__global__ void fill_kernel(T* data, std::size_t count, std::uint32_t seed) {
-  std::size_t const stride = static_cast<std::size_t>(gridDim.x) * blockDim.x;
-  for (std::size_t i = static_cast<std::size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += stride) {
-    std::uint32_t x = static_cast<std::uint32_t>(i) * 0x9e3779b9u ^ static_cast<std::uint32_t>(i >> 32) ^ seed;
-    x ^= x >> 16;
-    x *= 0x7feb352du;
-    x ^= x >> 15;
-    x *= 0x846ca68bu;
-    x ^= x >> 16;
-    data[i] = __float2bfloat16_rn(static_cast<float>(x >> 8) * (2.0f / 16777216.0f) - 1.0f);
-  }
-}
+#define SETUP_STATUS(expr)                                            \
+  do {                                                                \
+    kvc::Status const setup_status_ = (expr);                         \
+    if (setup_status_ != kvc::Status::kSuccess)                       \
+      return std::string(#expr ": ") + kvc::to_string(setup_status_); \
+  } while (0)
 
+//! One device allocation, freed on reset or destruction. Not copyable.
 template <class U>
 struct DeviceArray {
   U* data = nullptr;
-  ~DeviceArray() {
+  DeviceArray() = default;
+  DeviceArray(DeviceArray const&) = delete;
+  DeviceArray& operator=(DeviceArray const&) = delete;
+  ~DeviceArray() { reset(); }
+  void reset() {
     if (data != nullptr) cudaFree(data);
+    data = nullptr;
   }
-  cudaError_t allocate(std::size_t count) { return cudaMalloc(reinterpret_cast<void**>(&data), std::max<std::size_t>(count, 1) * sizeof(U)); }
+  cudaError_t allocate(std::size_t count) {
+    reset();
+    return cudaMalloc(reinterpret_cast<void**>(&data), std::max<std::size_t>(count, 1) * sizeof(U));
+  }
 };
 
-//! Lengths per (sequence, KV head) for `shape`; returns tokens seen (for the compression ratio).
-std::vector<int> make_lengths(Shape const& shape, std::mt19937_64& rng, double& tokens) {
-  std::vector<int> lengths(static_cast<std::size_t>(shape.batch) * shape.kv_heads);
+//! Host description of one shape's cache; deterministic for a shape (seeded generator).
+struct Layout {
+  std::vector<int> lengths;  // [batch, kv_heads] slots kept per (sequence, KV head)
+  double tokens = 0.0;       // tokens seen (for the compression ratio)
+  double kept = 0.0;         // slots kept, all heads
+  int max_pages = 0;         // pages of the longest head
+  std::size_t pages_per_copy = 0;
+  int copies = 1;  // cache copies a timing rotates over
+
+  std::size_t num_pages() const { return pages_per_copy * static_cast<std::size_t>(copies); }
+};
+
+//! Lengths per (sequence, KV head) for `shape` drawn from `rng`, page counts and the number of
+//! cache copies that makes one round of calls read at least 8x `l2_bytes`.
+Layout make_layout(Shape const& shape, int l2_bytes, std::mt19937_64& rng) {
+  Layout layout;
+  layout.lengths.resize(static_cast<std::size_t>(shape.batch) * shape.kv_heads);
   std::vector<double> weights;
   if (shape.mix == Mix::kA) weights = {0.10, 0.10, 0.30, 0.30, 0.20};
   if (shape.mix == Mix::kB) weights = {0.02, 0.05, 0.18, 0.35, 0.40};
   std::discrete_distribution<int> ratio(weights.begin(), weights.end());
-  tokens = static_cast<double>(lengths.size()) * shape.length;
-  for (int& length : lengths) {
+  layout.tokens = static_cast<double>(layout.lengths.size()) * shape.length;
+  for (int& length : layout.lengths) {
     if (shape.mix == Mix::kFull) length = shape.length;
     if (shape.mix == Mix::kBudget) length = shape.length / 4;
     if (shape.mix == Mix::kA || shape.mix == Mix::kB) length = shape.length >> ratio(rng);
   }
-  return lengths;
+  layout.kept = std::accumulate(layout.lengths.begin(), layout.lengths.end(), 0.0);
+  int const max_length = *std::max_element(layout.lengths.begin(), layout.lengths.end());
+  layout.max_pages = (max_length + kPageSize - 1) / kPageSize;
+  for (int length : layout.lengths)
+    layout.pages_per_copy += static_cast<std::size_t>((length + kPageSize - 1) / kPageSize);
+  double const kv_bytes = layout.kept * kHeadDim * 2.0 * sizeof(T);
+  layout.copies = std::clamp(static_cast<int>(8.0 * l2_bytes / kv_bytes) + 1, 1, kMaxCopies);
+  return layout;
 }
 
-void bench_decode(benchmark::State& state, Shape shape) {
-  if (!kvc::bench::cuda_device_present()) {
-    state.SkipWithError("no CUDA device");
-    return;
+//! The K and V pools shared by every shape, allocated and filled once (a shape uses the first
+//! num_pages() pages). `pages_wanted` is set in main: the largest need of a runnable shape.
+struct Pool {
+  DeviceArray<T> k;  // [pages, kPageSize, kHeadDim]
+  DeviceArray<T> v;  // [pages, kPageSize, kHeadDim]
+  std::size_t pages = 0;
+  std::size_t pages_wanted = 0;
+
+  //! Makes sure at least `needed` pages exist (reallocating and refilling only if not).
+  std::string ensure(std::size_t needed) {
+    if (pages >= needed && k.data != nullptr) return "";
+    std::size_t const target = std::max(needed, pages_wanted);
+    pages = 0;
+    std::size_t const elems = target * kPageSize * kHeadDim;
+    SETUP_CUDA(k.allocate(elems));
+    SETUP_CUDA(v.allocate(elems));
+    SETUP_CUDA(kvc::bench::fill_normal(k.data, elems, kKSeed));
+    SETUP_CUDA(kvc::bench::fill_normal(v.data, elems, kVSeed));
+    SETUP_CUDA(cudaDeviceSynchronize());
+    pages = target;
+    return "";
   }
-  std::mt19937_64 rng(20261123);
-  double tokens = 0.0;
-  std::vector<int> const lengths = make_lengths(shape, rng, tokens);
-  double const kept = std::accumulate(lengths.begin(), lengths.end(), 0.0);
-  int max_length = *std::max_element(lengths.begin(), lengths.end());
-  int const max_pages = (max_length + kPageSize - 1) / kPageSize;
-  std::size_t pages_per_copy = 0;
-  for (int length : lengths) pages_per_copy += static_cast<std::size_t>((length + kPageSize - 1) / kPageSize);
+  void reset() {
+    k.reset();
+    v.reset();
+    pages = 0;
+  }
+};
 
-  // Bytes one call must move: K and V kept, q read, out written.
-  double const bytes = kept * kHeadDim * 2.0 * sizeof(T) + 2.0 * shape.batch * shape.q_heads * kHeadDim * sizeof(T);
-  int device = 0;
-  int l2_bytes = 0;
-  cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&l2_bytes, cudaDevAttrL2CacheSize, device);
-  double const kv_bytes = kept * kHeadDim * 2.0 * sizeof(T);
-  int const copies = std::clamp(static_cast<int>(8.0 * l2_bytes / kv_bytes) + 1, 1, kMaxCopies);
+Pool g_pool;
 
-  // One pool, every copy's pages scattered through it at random.
-  std::size_t const num_pages = pages_per_copy * copies;
-  std::size_t const pool_elems = num_pages * kPageSize * kHeadDim;
-  DeviceArray<T> k_pool, v_pool, q, out;
-  DeviceArray<std::int32_t> tables, d_lengths;
-  DeviceArray<float> lse, probs;
+//! Everything one shape needs besides the pool, built once and reused by its repetitions.
+struct ShapeState {
+  std::string key;
+  Layout layout;
+  DeviceArray<std::int32_t> tables;   // [copies, batch, kv_heads, max_pages]
+  DeviceArray<std::int32_t> lengths;  // [batch, kv_heads]
+  DeviceArray<T> q;                   // [batch, q_heads, kHeadDim]
+  DeviceArray<T> out;                 // [batch, q_heads, kHeadDim]
+  DeviceArray<float> lse;             // [batch, q_heads]
+  DeviceArray<float> probs;           // [batch, q_heads, probs_stride] (scores shapes only)
   DeviceArray<unsigned char> workspace;
-  BENCH_CUDA(k_pool.allocate(pool_elems), state);
-  BENCH_CUDA(v_pool.allocate(pool_elems), state);
-  fill_kernel<<<1024, 256>>>(k_pool.data, pool_elems, 1u);
-  fill_kernel<<<1024, 256>>>(v_pool.data, pool_elems, 2u);
-  std::size_t const q_elems = static_cast<std::size_t>(shape.batch) * shape.q_heads * kHeadDim;
-  BENCH_CUDA(q.allocate(q_elems), state);
-  BENCH_CUDA(out.allocate(q_elems), state);
-  fill_kernel<<<64, 256>>>(q.data, q_elems, 3u);
-  BENCH_CUDA(lse.allocate(static_cast<std::size_t>(shape.batch) * shape.q_heads), state);
-  int const probs_stride = max_pages * kPageSize;
-  if (shape.mix == Mix::kBudget) {
-    BENCH_CUDA(probs.allocate(static_cast<std::size_t>(shape.batch) * shape.q_heads * probs_stride), state);
-  }
-
-  std::vector<std::int32_t> permutation(num_pages);
-  std::iota(permutation.begin(), permutation.end(), 0);
-  std::shuffle(permutation.begin(), permutation.end(), rng);
-  std::size_t const table_elems = lengths.size() * max_pages;
-  std::vector<std::int32_t> host_tables(table_elems * copies, 0);
-  std::size_t next = 0;
-  for (int copy = 0; copy < copies; ++copy) {
-    for (std::size_t head = 0; head < lengths.size(); ++head) {
-      int const pages = (lengths[head] + kPageSize - 1) / kPageSize;
-      for (int j = 0; j < pages; ++j) host_tables[copy * table_elems + head * max_pages + j] = permutation[next++];
-    }
-  }
-  BENCH_CUDA(tables.allocate(host_tables.size()), state);
-  BENCH_CUDA(cudaMemcpy(tables.data, host_tables.data(), host_tables.size() * sizeof(std::int32_t), cudaMemcpyHostToDevice), state);
-  BENCH_CUDA(d_lengths.allocate(lengths.size()), state);
-  BENCH_CUDA(cudaMemcpy(d_lengths.data, lengths.data(), lengths.size() * sizeof(int), cudaMemcpyHostToDevice), state);
-
-  std::vector<kvc::DecodeParams> calls(copies);
-  for (int copy = 0; copy < copies; ++copy) {
-    kvc::DecodeParams& p = calls[copy];
-    p.dtype = kvc::DType::kBF16;
-    p.cache.k_pages = k_pool.data;
-    p.cache.v_pages = v_pool.data;
-    p.cache.page_table = tables.data + copy * table_elems;
-    p.cache.lengths = d_lengths.data;
-    p.cache.page_size = kPageSize;
-    p.cache.head_dim = kHeadDim;
-    p.cache.num_kv_heads = shape.kv_heads;
-    p.cache.max_pages_per_head = max_pages;
-    p.cache.max_seqs = shape.batch;
-    p.q = q.data;
-    p.seq_slots = nullptr;  // row b is sequence slot b
-    p.batch = shape.batch;
-    p.num_q_heads = shape.q_heads;
-    p.out = out.data;
-    p.lse = lse.data;
-  }
-  std::size_t workspace_bytes = 0;
-  BENCH_STATUS(kvc::decode_attention_workspace_size(calls[0], workspace_bytes), state);
-  BENCH_CUDA(workspace.allocate(workspace_bytes), state);
-  for (kvc::DecodeParams& p : calls) {
-    p.workspace = workspace.data;
-    p.workspace_bytes = workspace_bytes;
-  }
-
+  int probs_stride = 0;
+  std::vector<kvc::DecodeParams> calls;  // one per copy
   cudaStream_t stream = nullptr;
-  BENCH_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), state);
-  auto enqueue = [&](bool scores) {
+  cudaGraphExec_t graph_exec = nullptr;  // kCallsPerTiming plain calls (graph shapes)
+
+  ShapeState() = default;
+  ShapeState(ShapeState const&) = delete;
+  ShapeState& operator=(ShapeState const&) = delete;
+  ~ShapeState() {
+    if (stream != nullptr) cudaStreamSynchronize(stream);
+    if (graph_exec != nullptr) cudaGraphExecDestroy(graph_exec);
+    if (stream != nullptr) cudaStreamDestroy(stream);
+  }
+
+  //! Enqueues kCallsPerTiming calls rotating over the copies (with the score output or not).
+  kvc::Status enqueue(bool scores) const {
     for (int i = 0; i < kCallsPerTiming; ++i) {
-      kvc::DecodeParams p = calls[i % copies];
+      kvc::DecodeParams p = calls[i % layout.copies];
       if (scores) {
         p.scores.probs = probs.data;
         p.scores.stride = probs_stride;
@@ -229,59 +253,187 @@ void bench_decode(benchmark::State& state, Shape shape) {
       if (status != kvc::Status::kSuccess) return status;
     }
     return kvc::Status::kSuccess;
-  };
-  cudaGraphExec_t graph_exec = nullptr;
+  }
+};
+
+std::unique_ptr<ShapeState> g_state;
+
+//! Builds `s` for `shape`: page tables scattered over the pool's first pages, q, outputs,
+//! workspace, stream and (graph shapes) the captured graph.
+std::string build_state(Shape const& shape, ShapeState& s) {
+  s.key = shape.key();
+  std::mt19937_64 rng(kLayoutSeed);
+  s.layout = make_layout(shape, g_l2_bytes, rng);
+  Layout const& layout = s.layout;
+  std::string const pool_error = g_pool.ensure(layout.num_pages());
+  if (!pool_error.empty()) return pool_error;
+
+  // Every copy's pages scattered at random through pages [0, num_pages) of the pool.
+  std::size_t const num_pages = layout.num_pages();
+  std::vector<std::int32_t> permutation(num_pages);
+  std::iota(permutation.begin(), permutation.end(), 0);
+  std::shuffle(permutation.begin(), permutation.end(), rng);
+  std::size_t const table_elems = layout.lengths.size() * layout.max_pages;
+  std::vector<std::int32_t> host_tables(table_elems * layout.copies, 0);
+  std::size_t next = 0;
+  for (int copy = 0; copy < layout.copies; ++copy) {
+    for (std::size_t head = 0; head < layout.lengths.size(); ++head) {
+      int const pages = (layout.lengths[head] + kPageSize - 1) / kPageSize;
+      std::int32_t* row = host_tables.data() + copy * table_elems + head * layout.max_pages;
+      for (int j = 0; j < pages; ++j) row[j] = permutation[next++];
+    }
+  }
+  SETUP_CUDA(s.tables.allocate(host_tables.size()));
+  SETUP_CUDA(cudaMemcpy(s.tables.data, host_tables.data(),
+                        host_tables.size() * sizeof(std::int32_t), cudaMemcpyHostToDevice));
+  SETUP_CUDA(s.lengths.allocate(layout.lengths.size()));
+  SETUP_CUDA(cudaMemcpy(s.lengths.data, layout.lengths.data(), layout.lengths.size() * sizeof(int),
+                        cudaMemcpyHostToDevice));
+
+  std::size_t const q_elems = static_cast<std::size_t>(shape.batch) * shape.q_heads * kHeadDim;
+  SETUP_CUDA(s.q.allocate(q_elems));
+  SETUP_CUDA(s.out.allocate(q_elems));
+  SETUP_CUDA(kvc::bench::fill_normal(s.q.data, q_elems, kQSeed));
+  SETUP_CUDA(s.lse.allocate(static_cast<std::size_t>(shape.batch) * shape.q_heads));
+  s.probs_stride = layout.max_pages * kPageSize;
+  if (shape.mix == Mix::kBudget) {
+    SETUP_CUDA(
+        s.probs.allocate(static_cast<std::size_t>(shape.batch) * shape.q_heads * s.probs_stride));
+  }
+
+  s.calls.assign(layout.copies, kvc::DecodeParams{});
+  for (int copy = 0; copy < layout.copies; ++copy) {
+    kvc::DecodeParams& p = s.calls[copy];
+    p.dtype = kvc::DType::kBF16;
+    p.cache.k_pages = g_pool.k.data;
+    p.cache.v_pages = g_pool.v.data;
+    p.cache.page_table = s.tables.data + copy * table_elems;
+    p.cache.lengths = s.lengths.data;
+    p.cache.page_size = kPageSize;
+    p.cache.head_dim = kHeadDim;
+    p.cache.num_kv_heads = shape.kv_heads;
+    p.cache.max_pages_per_head = layout.max_pages;
+    p.cache.max_seqs = shape.batch;
+    p.q = s.q.data;
+    p.seq_slots = nullptr;  // row b is sequence slot b
+    p.batch = shape.batch;
+    p.num_q_heads = shape.q_heads;
+    p.out = s.out.data;
+    p.lse = s.lse.data;
+  }
+  std::size_t workspace_bytes = 0;
+  SETUP_STATUS(kvc::decode_attention_workspace_size(s.calls[0], workspace_bytes));
+  SETUP_CUDA(s.workspace.allocate(workspace_bytes));
+  for (kvc::DecodeParams& p : s.calls) {
+    p.workspace = s.workspace.data;
+    p.workspace_bytes = workspace_bytes;
+  }
+
+  SETUP_CUDA(cudaStreamCreateWithFlags(&s.stream, cudaStreamNonBlocking));
+  // One eager round before any capture: first-call occupancy query, module loading.
+  SETUP_STATUS(s.enqueue(false));
+  SETUP_CUDA(cudaStreamSynchronize(s.stream));
   if (shape.graph) {
     cudaGraph_t graph = nullptr;
-    BENCH_CUDA(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), state);
-    kvc::Status const captured = enqueue(false);
-    BENCH_CUDA(cudaStreamEndCapture(stream, &graph), state);
-    BENCH_STATUS(captured, state);
-    BENCH_CUDA(cudaGraphInstantiate(&graph_exec, graph, 0), state);
-    cudaGraphDestroy(graph);
+    SETUP_CUDA(cudaStreamBeginCapture(s.stream, cudaStreamCaptureModeThreadLocal));
+    kvc::Status const captured = s.enqueue(false);
+    cudaError_t const ended = cudaStreamEndCapture(s.stream, &graph);
+    if (ended == cudaSuccess && captured == kvc::Status::kSuccess) {
+      cudaError_t const instantiated = cudaGraphInstantiate(&s.graph_exec, graph, 0);
+      cudaGraphDestroy(graph);
+      SETUP_CUDA(instantiated);
+    } else {
+      if (graph != nullptr) cudaGraphDestroy(graph);
+      SETUP_CUDA(ended);
+      SETUP_STATUS(captured);
+    }
   }
-  auto timed = [&](bool scores, kvc::bench::EventTimer& timer) -> double {
-    timer.start(stream);
+  return "";
+}
+
+//! The state of `shape`: the cached one when the previous call was the same shape (its other
+//! repetitions), else a new one (the previous state is released first).
+std::string acquire_state(Shape const& shape) {
+  if (g_state != nullptr && g_state->key == shape.key()) return "";
+  g_state.reset();
+  auto fresh = std::make_unique<ShapeState>();
+  std::string const error = build_state(shape, *fresh);
+  if (!error.empty()) return error;
+  g_state = std::move(fresh);
+  return "";
+}
+
+void bench_decode(benchmark::State& state, Shape shape) {
+  if (!kvc::bench::cuda_device_present()) {
+    state.SkipWithError("no CUDA device");
+    return;
+  }
+  if (!shape.supported()) {
+    state.SkipWithError(("no compiled decode kernel for bf16, D=128, G=" +
+                         std::to_string(shape.group_size()) + " (KVC_CI_MINIMAL build?)")
+                            .c_str());
+    return;
+  }
+  std::string const error = acquire_state(shape);
+  if (!error.empty()) {
+    state.SkipWithError(error.c_str());
+    return;
+  }
+  ShapeState const& s = *g_state;
+  Layout const& layout = s.layout;
+
+  // Bytes one call must move: K and V kept, q read, out written.
+  double const bytes = layout.kept * kHeadDim * 2.0 * sizeof(T) +
+                       2.0 * shape.batch * shape.q_heads * kHeadDim * sizeof(T);
+  kvc::bench::EventTimer timer;
+  auto timed = [&](bool scores) -> double {
+    timer.start(s.stream);
     if (shape.graph) {
-      cudaGraphLaunch(graph_exec, stream);
-    } else if (enqueue(scores) != kvc::Status::kSuccess) {
+      if (cudaGraphLaunch(s.graph_exec, s.stream) != cudaSuccess) return -1.0;
+    } else if (s.enqueue(scores) != kvc::Status::kSuccess) {
       return -1.0;
     }
-    return timer.stop_seconds(stream) / kCallsPerTiming;
+    return timer.stop_seconds(s.stream) / kCallsPerTiming;
   };
 
-  kvc::bench::EventTimer timer;
   bool const with_scores = shape.mix == Mix::kBudget;
-  // Warm-up (first-call occupancy query, page-table and instruction caches).
-  if (timed(false, timer) < 0.0 || (with_scores && timed(true, timer) < 0.0)) {
+  // Warm-up timing of every repetition (page-table and instruction caches).
+  if (timed(false) < 0.0 || (with_scores && timed(true) < 0.0)) {
     state.SkipWithError("decode_attention failed");
     return;
   }
-  BENCH_CUDA(cudaStreamSynchronize(stream), state);
+  BENCH_CUDA(cudaStreamSynchronize(s.stream), state);
   double plain_total = 0.0;
   double scores_total = 0.0;
   double total = 0.0;
+  bool failed = false;
   for (auto _ : state) {
-    double const plain = timed(false, timer);
+    double const plain = timed(false);
     double seconds = plain;
     if (with_scores) {
-      seconds = timed(true, timer);
+      seconds = timed(true);
       plain_total += plain;
       scores_total += seconds;
+    }
+    if (plain < 0.0 || seconds < 0.0) {
+      failed = true;
+      break;
     }
     total += seconds;
     state.SetIterationTime(seconds);
   }
+  if (failed) {
+    state.SkipWithError("decode_attention failed");
+    return;
+  }
   BENCH_CUDA(cudaGetLastError(), state);
-  if (graph_exec != nullptr) cudaGraphExecDestroy(graph_exec);
-  cudaStreamDestroy(stream);
 
   double const iterations = static_cast<double>(state.iterations());
   double const per_call = iterations > 0.0 ? total / iterations : 0.0;
   double const gbps = per_call > 0.0 ? bytes / per_call * 1e-9 : 0.0;
   state.counters["bytes"] = bytes;
-  state.counters["compression"] = tokens / kept;
-  state.counters["copies"] = copies;
+  state.counters["compression"] = layout.tokens / layout.kept;
+  state.counters["copies"] = layout.copies;
   state.counters["us"] = per_call * 1e6;
   state.counters["GBps"] = gbps;
   state.counters["bw_fraction"] = g_probe_gbps > 0.0 ? gbps / g_probe_gbps : 0.0;
@@ -293,12 +445,15 @@ void bench_decode(benchmark::State& state, Shape shape) {
   }
 }
 
+std::vector<Shape> g_shapes;
+
 void add(Shape const& shape) {
+  g_shapes.push_back(shape);
   benchmark::RegisterBenchmark(("decode/" + shape.key()).c_str(), bench_decode, shape)
       ->UseManualTime()
       ->Unit(benchmark::kMicrosecond)
-      ->MinTime(0.2)
-      ->Repetitions(5)
+      ->Iterations(kTimingsPerRepetition)
+      ->Repetitions(kRepetitions)
       ->ReportAggregatesOnly(true);
 }
 
@@ -307,10 +462,6 @@ void add(Shape const& shape) {
 int main(int argc, char** argv) {
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  if (kvc::bench::cuda_device_present()) {
-    g_probe_gbps = kvc::bench::measure_read_bandwidth();
-    benchmark::AddCustomContext("probe_read_GBps", std::to_string(g_probe_gbps));
-  }
   // a, b
   for (int kv : {32, 8, 4}) add({Mix::kFull, 32, kv, 64, 4096, false});
   // c, d
@@ -327,7 +478,24 @@ int main(int argc, char** argv) {
   }
   // f
   for (int kv : {32, 8}) add({Mix::kBudget, 32, kv, 64, 4096, false});
+
+  if (kvc::bench::cuda_device_present()) {
+    g_probe_gbps = kvc::bench::measure_read_bandwidth();
+    benchmark::AddCustomContext("probe_read_GBps", std::to_string(g_probe_gbps));
+    int device = 0;
+    cudaGetDevice(&device);
+    cudaDeviceGetAttribute(&g_l2_bytes, cudaDevAttrL2CacheSize, device);
+    // The pool is sized once for the largest runnable shape (allocated on first use).
+    for (Shape const& shape : g_shapes) {
+      if (!shape.supported()) continue;
+      std::mt19937_64 rng(kLayoutSeed);
+      g_pool.pages_wanted =
+          std::max(g_pool.pages_wanted, make_layout(shape, g_l2_bytes, rng).num_pages());
+    }
+  }
   benchmark::RunSpecifiedBenchmarks();
+  g_state.reset();
+  g_pool.reset();
   benchmark::Shutdown();
   return 0;
 }
