@@ -258,14 +258,21 @@ Weights make_weights(ModelSpec const& spec, std::uint64_t seed, cudaStream_t str
 
 //! Row-major Y [rows, out] = X [rows, in] * W [in, out] (+ Y when accumulate), fp32 accumulate.
 //! (cuBLAS is column-major: Y^T = W^T X^T with W^T [out, in], leading dimension out.)
-void gemm(cublasHandle_t handle, bf16 const* x, bf16 const* w, bf16* y, int rows, int in, int out,
-          bool accumulate) {
+//! kErrorCuda when cuBLAS refuses (the step then stops; during a graph capture, the capture is
+//! abandoned and the steps run eagerly).
+kvc::Status gemm(cublasHandle_t handle, bf16 const* x, bf16 const* w, bf16* y, int rows, int in,
+                 int out, bool accumulate) {
   float const alpha = 1.0f;
   float const beta = accumulate ? 1.0f : 0.0f;
-  check_cublas(cublasGemmEx(handle, CUBLAS_OP_N, CUBLAS_OP_N, out, rows, in, &alpha, w, CUDA_R_16BF,
-                            out, x, CUDA_R_16BF, in, &beta, y, CUDA_R_16BF, out, CUBLAS_COMPUTE_32F,
-                            CUBLAS_GEMM_DEFAULT),
-               "cublasGemmEx");
+  cublasStatus_t const status = cublasGemmEx(
+      handle, CUBLAS_OP_N, CUBLAS_OP_N, out, rows, in, &alpha, w, CUDA_R_16BF, out, x, CUDA_R_16BF,
+      in, &beta, y, CUDA_R_16BF, out, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+  return status == CUBLAS_STATUS_SUCCESS ? kvc::Status::kSuccess : kvc::Status::kErrorCuda;
+}
+
+//! kErrorCuda when the last kernel launch failed.
+kvc::Status launch_status() {
+  return cudaGetLastError() == cudaSuccess ? kvc::Status::kSuccess : kvc::Status::kErrorCuda;
 }
 
 //! Activation buffers of one batch. Sizes in elements, all [batch, ...] row-major.
@@ -454,15 +461,17 @@ class Runner {
     kvc::StepReport report;
     check_kvc(store.step_status_sync(stream_, &report), "cache fill (step status)");
 
-    auto step = [&]() {
-      check_kvc(store.prepare_decode_step(row_slots, batch, stream_), "prepare_decode_step");
+    auto step = [&]() -> kvc::Status {
+      KVC_RETURN_IF_ERROR(store.prepare_decode_step(row_slots, batch, stream_));
       for (int l = 0; l < spec_.layers; ++l) {
-        layer_step(store, run, l, batch, row_slots, ratios.as<std::int32_t>(), act,
-                   attention[static_cast<std::size_t>(l)]);
+        KVC_RETURN_IF_ERROR(layer_step(store, run, l, batch, row_slots, ratios.as<std::int32_t>(),
+                                       act, attention[static_cast<std::size_t>(l)]));
       }
       kvc::e2e::rmsnorm_kernel<<<batch, kvc::e2e::kRowThreads, 0, stream_>>>(
           act.x, weights_.norm_final, act.h, spec_.hidden);
-      gemm(cublas_, act.h, weights_.lm_head, act.logits, batch, spec_.hidden, spec_.vocab, false);
+      KVC_RETURN_IF_ERROR(launch_status());
+      return gemm(cublas_, act.h, weights_.lm_head, act.logits, batch, spec_.hidden, spec_.vocab,
+                  false);
     };
 
     RunResult result;
@@ -474,7 +483,7 @@ class Runner {
       if (graph_exec != nullptr) {
         check_cuda(cudaGraphLaunch(graph_exec, stream_), "cudaGraphLaunch");
       } else {
-        step();
+        check_kvc(step(), "decode step");
       }
     };
     for (int i = 0; i < options.warmup; ++i) launch();
@@ -567,33 +576,41 @@ class Runner {
         store.arrays().step_positions + store.dims().layer_seq(layer, 0), dmc.offset);
   }
 
-  void layer_step(kvc::PagedStore& store, PolicyRun const& run, int l, int batch,
-                  std::int32_t const* row_slots, std::int32_t const* ratios, Activations& act,
-                  kvc::DecodeParams const& attention) {
+  kvc::Status layer_step(kvc::PagedStore& store, PolicyRun const& run, int l, int batch,
+                         std::int32_t const* row_slots, std::int32_t const* ratios,
+                         Activations& act, kvc::DecodeParams const& attention) {
     LayerWeights const& w = weights_.layers[static_cast<std::size_t>(l)];
     int const hidden = spec_.hidden;
     int const q_width = spec_.q_heads * spec_.head_dim;
     int const kv_width = spec_.kv_heads * spec_.head_dim;
     kvc::e2e::rmsnorm_kernel<<<batch, kvc::e2e::kRowThreads, 0, stream_>>>(act.x, w.norm_attn,
                                                                            act.h, hidden);
-    gemm(cublas_, act.h, w.wq, act.q, batch, hidden, q_width, false);
-    gemm(cublas_, act.h, w.wk, act.k, batch, hidden, kv_width, false);
-    gemm(cublas_, act.h, w.wv, act.v, batch, hidden, kv_width, false);
-    if (run.kind == CacheKind::kDmc) set_decisions(store, l, act.k, batch, ratios);
-    check_kvc(store.update<bf16>(l, act.q, act.k, act.v, row_slots, batch, act.q_out, stream_),
-              "update");
-    check_kvc(kvc::decode_attention(attention, stream_), "decode_attention");
-    if (evicts(run))
-      check_kvc(store.evict(l, attention.scores, row_slots, batch, stream_), "evict");
-    gemm(cublas_, act.attn, w.wo, act.x, batch, q_width, hidden, true);
+    KVC_RETURN_IF_ERROR(launch_status());
+    KVC_RETURN_IF_ERROR(gemm(cublas_, act.h, w.wq, act.q, batch, hidden, q_width, false));
+    KVC_RETURN_IF_ERROR(gemm(cublas_, act.h, w.wk, act.k, batch, hidden, kv_width, false));
+    KVC_RETURN_IF_ERROR(gemm(cublas_, act.h, w.wv, act.v, batch, hidden, kv_width, false));
+    if (run.kind == CacheKind::kDmc) {
+      set_decisions(store, l, act.k, batch, ratios);
+      KVC_RETURN_IF_ERROR(launch_status());
+    }
+    KVC_RETURN_IF_ERROR(
+        store.update<bf16>(l, act.q, act.k, act.v, row_slots, batch, act.q_out, stream_));
+    KVC_RETURN_IF_ERROR(kvc::decode_attention(attention, stream_));
+    if (evicts(run)) {
+      KVC_RETURN_IF_ERROR(store.evict(l, attention.scores, row_slots, batch, stream_));
+    }
+    KVC_RETURN_IF_ERROR(gemm(cublas_, act.attn, w.wo, act.x, batch, q_width, hidden, true));
     kvc::e2e::rmsnorm_kernel<<<batch, kvc::e2e::kRowThreads, 0, stream_>>>(act.x, w.norm_mlp, act.h,
                                                                            hidden);
-    gemm(cublas_, act.h, w.w_gate_up, act.gate_up, batch, hidden, 2 * spec_.intermediate, false);
+    KVC_RETURN_IF_ERROR(launch_status());
+    KVC_RETURN_IF_ERROR(gemm(cublas_, act.h, w.w_gate_up, act.gate_up, batch, hidden,
+                             2 * spec_.intermediate, false));
     int const blocks = static_cast<int>(std::min<std::int64_t>(
         4096, (static_cast<std::int64_t>(batch) * spec_.intermediate + 255) / 256));
     kvc::e2e::swiglu_kernel<<<blocks, 256, 0, stream_>>>(act.gate_up, act.act, batch,
                                                          spec_.intermediate);
-    gemm(cublas_, act.act, w.w_down, act.x, batch, spec_.intermediate, hidden, true);
+    KVC_RETURN_IF_ERROR(launch_status());
+    return gemm(cublas_, act.act, w.w_down, act.x, batch, spec_.intermediate, hidden, true);
   }
 
   //! Captures one step into an executable graph; null (and eager launches) if capture fails.
@@ -604,10 +621,13 @@ class Runner {
       cudaGetLastError();
       return nullptr;
     }
-    step();
-    if (cudaStreamEndCapture(stream_, &graph) != cudaSuccess || graph == nullptr) {
+    kvc::Status const captured = step();
+    cudaError_t const ended = cudaStreamEndCapture(stream_, &graph);
+    if (captured != kvc::Status::kSuccess || ended != cudaSuccess || graph == nullptr) {
       cudaGetLastError();
-      std::fprintf(stderr, "kvc-e2e: graph capture failed; timing eager launches\n");
+      if (graph != nullptr) cudaGraphDestroy(graph);
+      std::fprintf(stderr, "kvc-e2e: graph capture failed (%s, %s); timing eager launches\n",
+                   kvc::to_string(captured), cudaGetErrorString(ended));
       return nullptr;
     }
     cudaGraphExec_t exec = nullptr;
