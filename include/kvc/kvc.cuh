@@ -13,4 +13,5 @@
 #include "kvc/cache/store_config.hpp"
 #include "kvc/cache/store_layout.hpp"
 #include "kvc/core/dtype_traits.hpp"
+#include "kvc/engine/kv_cache.cuh"
 #include "kvc/kvc.hpp"

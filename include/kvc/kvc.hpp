@@ -10,6 +10,7 @@
 #include "kvc/core/rope.hpp"
 #include "kvc/core/shape.hpp"
 #include "kvc/core/status.hpp"
+#include "kvc/engine/kv_cache_config.hpp"
 #include "kvc/policy/kind.hpp"
 #include "kvc/reference/attention.hpp"
 #include "kvc/reference/dmc.hpp"

@@ -1,0 +1,542 @@
+// The KVCache facade (kvc/engine/kv_cache.cuh) against the CPU reference (one
+// reference::LayerCache per (sequence, layer)): random continuous-batching runs of every policy
+// (outputs, LSE and the whole cache after every step), prefill, stats, and bad calls that must
+// return their Status and change nothing (nor the step that follows them).
+//
+// Two attention backends: the precompiled kernels (KVCache; bf16, head dim 128, G = 4 is in every
+// build, KVC_CI_MINIMAL included) and the double-precision oracle (OracleDecodeAttention). The
+// kernels' probabilities match the reference to ~1e-3 relative, so an H2O/TOVA near-tie may be
+// broken differently over a long run; long H2O/TOVA runs therefore use the oracle, which takes
+// the reference's decisions exactly, and the kernel runs are kept short.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <map>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <doctest/doctest.h>
+
+#include "kvc/engine/kv_cache.cuh"
+#include "kvc/engine/oracle_attention.cuh"
+#include "kvc/reference/layer_cache.hpp"
+
+#include "support_store.cuh"
+
+using namespace kvc;
+
+namespace {
+
+using T = __nv_bfloat16;
+constexpr DType kDType = DType::kBF16;
+
+//! A small GQA model: 2 layers, 8 query heads over 2 KV heads (G = 4), head dim 128, bf16.
+KVCacheConfig base_config(PolicyKind kind) {
+  KVCacheConfig config;
+  config.shape = ModelShape{2, 8, 2, 128};
+  config.dtype = kDType;
+  config.policy.kind = kind;
+  config.policy.h2o = H2OConfig{6, 4};
+  config.policy.tova = TovaConfig{10, false};
+  config.max_seqs = 5;
+  config.max_batch = 4;
+  config.max_tokens_per_seq = 96;
+  config.page_size = 16;
+  return config;
+}
+
+struct Tolerances {
+  Tolerance scores{1e-6, 1e-5};
+};
+
+//! A facade and its reference, driven together.
+template <class Backend>
+struct Harness {
+  KVCacheConfig config;
+  BasicKVCache<Backend> cache;
+  test::Stream stream;
+  reference::LayerSpec spec;
+  std::map<int, std::vector<reference::LayerCache>> refs;  // sequence id -> [layers]
+  test::DeviceBuffer<T> q, k, v, out;
+  test::DeviceBuffer<float> lse;
+  Tolerances tolerances;
+  double merge_probability = 0.7;
+
+  explicit Harness(KVCacheConfig const& c) : config(c) {
+    KVC_STATUS_REQUIRE(BasicKVCache<Backend>::create(config, stream.get(), cache));
+    PagedStoreConfig store;
+    REQUIRE(config.to_store_config(store) == Status::kSuccess);
+    spec = test::layer_spec(store);
+    std::size_t const rows = static_cast<std::size_t>(std::max(config.batch_capacity(), 64));
+    q.resize(rows * q_row());
+    k.resize(rows * kv_row());
+    v.resize(rows * kv_row());
+    out.resize(rows * q_row());
+    lse.resize(rows * config.shape.num_q_heads);
+  }
+  std::size_t q_row() const {
+    return static_cast<std::size_t>(config.shape.num_q_heads) * config.shape.head_dim;
+  }
+  std::size_t kv_row() const {
+    return static_cast<std::size_t>(config.shape.num_kv_heads) * config.shape.head_dim;
+  }
+
+  int join() {
+    int seq = -1;
+    KVC_STATUS_REQUIRE(cache.add_sequence(seq, stream.get()));
+    std::vector<reference::LayerCache> layers(static_cast<std::size_t>(config.shape.num_layers));
+    for (reference::LayerCache& layer : layers) {
+      KVC_STATUS_REQUIRE(reference::LayerCache::create(spec, config.policy, layer));
+    }
+    refs[seq] = std::move(layers);
+    return seq;
+  }
+  void leave(int seq) {
+    KVC_STATUS_REQUIRE(cache.release_sequence(seq, stream.get()));
+    refs.erase(seq);
+  }
+
+  //! Pre-RoPE inputs of `rows` tokens: q [rows, Hq, D], k and v [rows, Hkv, D], in the dtype.
+  //! DMC's decision neuron (D-1) merges with probability merge_probability.
+  void draw(std::mt19937_64& rng, std::size_t rows, std::vector<float>& qh, std::vector<float>& kh,
+            std::vector<float>& vh) {
+    qh = test::random_normal(rng, rows * q_row(), kDType);
+    kh = test::random_normal(rng, rows * kv_row(), kDType);
+    vh = test::random_normal(rng, rows * kv_row(), kDType);
+    if (config.policy.kind == PolicyKind::kDmc) {
+      std::uniform_real_distribution<double> unit(0.0, 1.0);
+      int const d = config.shape.head_dim;
+      for (std::size_t row = 0; row < rows * config.shape.num_kv_heads; ++row) {
+        kh[row * d + (d - 1)] = unit(rng) < merge_probability ? 6.0f : 4.0f;
+      }
+    }
+  }
+
+  //! One decode step of `ids` through the facade and the reference; compares every layer's
+  //! outputs and LSE, then the whole cache.
+  void step(std::mt19937_64& rng, std::vector<int> const& ids, std::string const& what) {
+    std::size_t const rows = ids.size();
+    KVC_STATUS_REQUIRE(cache.begin_step(ids.data(), static_cast<int>(rows), stream.get()));
+    for (int l = 0; l < config.shape.num_layers; ++l) {
+      std::vector<float> qh, kh, vh;
+      draw(rng, rows, qh, kh, vh);
+      q.upload(test::to_storage<T>(qh), stream.get());
+      k.upload(test::to_storage<T>(kh), stream.get());
+      v.upload(test::to_storage<T>(vh), stream.get());
+      out.poison(stream.get());
+      lse.poison(stream.get());
+      KVC_STATUS_REQUIRE(cache.decode_layer(l, q.data(), k.data(), v.data(), out.data(),
+                                            stream.get(), lse.data()));
+      std::vector<float> const got = test::to_floats(out.download(stream.get(), rows * q_row()));
+      std::vector<float> const got_lse =
+          lse.download(stream.get(), rows * config.shape.num_q_heads);
+      for (std::size_t r = 0; r < rows; ++r) {
+        reference::DecodeInput const input{
+            reference::ConstSpan(qh.data() + r * q_row(), q_row()),
+            reference::ConstSpan(kh.data() + r * kv_row(), kv_row()),
+            reference::ConstSpan(vh.data() + r * kv_row(), kv_row())};
+        reference::AttentionOutput want;
+        KVC_STATUS_REQUIRE(refs.at(ids[r])[static_cast<std::size_t>(l)].decode_step(input, want));
+        std::string const where =
+            what + " layer " + std::to_string(l) + " seq " + std::to_string(ids[r]);
+        test::require_close(
+            std::vector<float>(got.begin() + r * q_row(), got.begin() + (r + 1) * q_row()),
+            want.out, default_tolerance(kDType), where + " out");
+        std::size_t const hq = static_cast<std::size_t>(config.shape.num_q_heads);
+        test::require_close(
+            std::vector<float>(got_lse.begin() + r * hq, got_lse.begin() + (r + 1) * hq), want.lse,
+            {5e-4, 1e-4}, where + " lse");
+      }
+    }
+    KVC_STATUS_REQUIRE(cache.end_step(stream.get()));
+    KVC_STATUS_REQUIRE(cache.step_status_sync());
+    compare_cache(what);
+  }
+
+  //! Every active sequence's slots (keys, values, positions, scores) against the reference.
+  void compare_cache(std::string const& what) {
+    test::StoreSnapshot<T> const snap = test::take_snapshot<T>(cache.store(), stream.get());
+    test::check_page_accounting(snap);
+    for (auto const& [seq, layers] : refs) {
+      for (int l = 0; l < config.shape.num_layers; ++l) {
+        reference::LayerCache const& ref = layers[static_cast<std::size_t>(l)];
+        std::vector<reference::HeadCache> heads = ref.heads();
+        // TOVA keeps its layer scores in KV head 0 only.
+        if (config.policy.kind == PolicyKind::kTova) {
+          for (std::size_t h = 1; h < heads.size(); ++h) heads[h].score.clear();
+        }
+        REQUIRE(snap.tokens_seen[static_cast<std::size_t>(snap.dims.layer_seq(l, seq))] ==
+                ref.tokens_seen());
+        for (int h = 0; h < config.shape.num_kv_heads; ++h) {
+          reference::HeadCache got = snap.head(l, seq, h);
+          if (heads[static_cast<std::size_t>(h)].score.empty()) got.score.clear();
+          std::string const where = what + " cache layer " + std::to_string(l) + " seq " +
+                                    std::to_string(seq) + " kv head " + std::to_string(h);
+          reference::HeadCache const& want = heads[static_cast<std::size_t>(h)];
+          REQUIRE_MESSAGE(got.position == want.position, where << ": positions differ");
+          test::require_close(got.k, want.k, default_tolerance(kDType), where + " keys");
+          test::require_close(got.v, want.v, default_tolerance(kDType), where + " values");
+          if (!want.score.empty()) {
+            test::require_close(got.score, want.score, tolerances.scores, where + " scores");
+          }
+        }
+      }
+    }
+  }
+
+  //! Random continuous batching: sequences join and leave; each step is a shuffled subset.
+  //! Returns the number of sequences that left.
+  int run(std::mt19937_64& rng, int steps, double leave_probability) {
+    std::uniform_real_distribution<double> unit(0.0, 1.0);
+    int leaves = 0;
+    for (int s = 0; s < steps; ++s) {
+      std::vector<int> live;
+      for (auto const& entry : refs) live.push_back(entry.first);
+      for (int seq : live) {
+        bool const too_long = refs.at(seq)[0].tokens_seen() >= config.max_tokens_per_seq;
+        if (too_long || unit(rng) < leave_probability) {
+          leave(seq);
+          ++leaves;
+        }
+      }
+      while (static_cast<int>(refs.size()) < config.max_seqs && (refs.empty() || unit(rng) < 0.4)) {
+        join();
+      }
+      std::vector<int> ids;
+      for (auto const& entry : refs) {
+        if (unit(rng) < 0.8) ids.push_back(entry.first);
+      }
+      if (ids.empty()) ids.push_back(refs.begin()->first);
+      std::shuffle(ids.begin(), ids.end(), rng);
+      if (static_cast<int>(ids.size()) > config.batch_capacity()) {
+        ids.resize(static_cast<std::size_t>(config.batch_capacity()));
+      }
+      step(rng, ids, "step " + std::to_string(s));
+    }
+    return leaves;
+  }
+};
+
+bool precompiled_available(KVCacheConfig const& config) {
+  return PrecompiledDecodeAttention::supported(config.dtype, config.shape.head_dim,
+                                               config.shape.group_size());
+}
+
+}  // namespace
+
+TEST_SUITE("gpu") {
+  TEST_CASE("kv_cache: every policy matches the reference under continuous batching") {
+    KVC_REQUIRE_CUDA_DEVICE();
+    std::uint64_t const seed = test::test_seed();
+    INFO("seed " << seed);
+    std::mt19937_64 rng(seed);
+    for (PolicyKind kind :
+         {PolicyKind::kFull, PolicyKind::kDmc, PolicyKind::kH2O, PolicyKind::kTova}) {
+      INFO("policy " << policy_name(kind));
+      KVCacheConfig const config = base_config(kind);
+      bool const evicting = kind == PolicyKind::kH2O || kind == PolicyKind::kTova;
+      if (precompiled_available(config)) {
+        // The kernels: long runs for Full and DMC, short ones (few evictions) for H2O/TOVA.
+        Harness<PrecompiledDecodeAttention> fast(config);
+        fast.tolerances.scores = {1e-5, 2e-3};
+        fast.run(rng, evicting ? 16 : 120, 0.03);
+      }
+      Harness<OracleDecodeAttention> exact(config);
+      CHECK(exact.run(rng, evicting ? 160 : 80, 0.05) > 0);  // sequences did leave (and join)
+    }
+  }
+
+  TEST_CASE("kv_cache: DMC compresses by the decision neuron's merge rate") {
+    KVC_REQUIRE_CUDA_DEVICE();
+    std::mt19937_64 rng(test::test_seed());
+    KVCacheConfig config = base_config(PolicyKind::kDmc);
+    config.max_seqs = 1;
+    config.max_batch = 1;
+    Harness<OracleDecodeAttention> h(config);
+    h.merge_probability = 0.75;  // CR about 4 per head
+    int const seq = h.join();
+    for (int s = 0; s < 80; ++s) h.step(rng, {seq}, "step " + std::to_string(s));
+    CacheStats stats;
+    KVC_STATUS_REQUIRE(h.cache.stats_sync(stats, h.stream.get()));
+    for (int l = 0; l < config.shape.num_layers; ++l) {
+      for (int kv = 0; kv < config.shape.num_kv_heads; ++kv) {
+        CHECK(stats.compression_ratio(l, seq, kv) ==
+              doctest::Approx(h.refs.at(seq)[static_cast<std::size_t>(l)].compression_ratio(kv)));
+        CHECK(stats.compression_ratio(l, seq, kv) > 2.0);
+      }
+    }
+  }
+
+  TEST_CASE("kv_cache: prefill_layer equals the prompt fed token by token") {
+    KVC_REQUIRE_CUDA_DEVICE();
+    std::mt19937_64 rng(test::test_seed());
+    for (PolicyKind kind :
+         {PolicyKind::kFull, PolicyKind::kDmc, PolicyKind::kH2O, PolicyKind::kTova}) {
+      INFO("policy " << policy_name(kind));
+      KVCacheConfig const config = base_config(kind);
+      Harness<OracleDecodeAttention> h(config);
+      int const other = h.join();  // a sequence that must not be touched
+      h.step(rng, {other}, "before");
+      int const seq = h.join();
+      int const prompt = 40;  // above the H2O/TOVA budgets: evictions during the prompt
+      for (int l = 0; l < config.shape.num_layers; ++l) {
+        std::vector<float> qh, kh, vh;
+        h.draw(rng, prompt, qh, kh, vh);
+        h.q.upload(test::to_storage<T>(qh), h.stream.get());
+        h.k.upload(test::to_storage<T>(kh), h.stream.get());
+        h.v.upload(test::to_storage<T>(vh), h.stream.get());
+        h.out.poison(h.stream.get());
+        KVC_STATUS_REQUIRE(h.cache.prefill_layer(seq, l, prompt, h.q.data(), h.k.data(), h.v.data(),
+                                                 h.out.data(), h.stream.get()));
+        KVC_STATUS_REQUIRE(h.cache.step_status_sync());
+        std::vector<float> const got =
+            test::to_floats(h.out.download(h.stream.get(), prompt * h.q_row()));
+        reference::LayerCache& ref = h.refs.at(seq)[static_cast<std::size_t>(l)];
+        std::vector<float> want;
+        for (int t = 0; t < prompt; ++t) {
+          std::size_t const tt = static_cast<std::size_t>(t);
+          reference::DecodeInput const input{
+              reference::ConstSpan(qh.data() + tt * h.q_row(), h.q_row()),
+              reference::ConstSpan(kh.data() + tt * h.kv_row(), h.kv_row()),
+              reference::ConstSpan(vh.data() + tt * h.kv_row(), h.kv_row())};
+          reference::AttentionOutput step_out;
+          KVC_STATUS_REQUIRE(ref.decode_step(input, step_out));
+          want.insert(want.end(), step_out.out.begin(), step_out.out.end());
+        }
+        test::require_close(got, want, default_tolerance(kDType), "prefill out");
+        if (kind == PolicyKind::kFull || kind == PolicyKind::kDmc) {
+          // Full and DMC: also exactly the reference's (parallel) prefill.
+          reference::LayerCache parallel;
+          KVC_STATUS_REQUIRE(reference::LayerCache::create(h.spec, config.policy, parallel));
+          reference::AttentionOutput prefill_out;
+          KVC_STATUS_REQUIRE(parallel.prefill(
+              reference::PrefillInput{prompt, reference::ConstSpan(qh), reference::ConstSpan(kh),
+                                      reference::ConstSpan(vh)},
+              prefill_out));
+          test::require_close(got, prefill_out.out, default_tolerance(kDType),
+                              "prefill vs reference prefill");
+          REQUIRE(parallel.slots_per_head() == ref.slots_per_head());
+        }
+      }
+      h.compare_cache("after prefill");
+      for (int s = 0; s < 12; ++s) h.step(rng, {seq, other}, "decode " + std::to_string(s));
+    }
+  }
+
+  TEST_CASE("kv_cache: stats count slots, pages, bytes and compression") {
+    KVC_REQUIRE_CUDA_DEVICE();
+    std::mt19937_64 rng(test::test_seed());
+    for (PolicyKind kind : {PolicyKind::kDmc, PolicyKind::kH2O}) {
+      INFO("policy " << policy_name(kind));
+      KVCacheConfig const config = base_config(kind);
+      Harness<OracleDecodeAttention> h(config);
+      h.run(rng, 50, 0.03);
+      CacheStats stats;
+      KVC_STATUS_REQUIRE(h.cache.stats_sync(stats, h.stream.get()));
+      std::size_t required = 0;
+      KVC_STATUS_REQUIRE(BasicKVCache<OracleDecodeAttention>::required_bytes(config, required));
+      CHECK(stats.device_bytes == static_cast<std::int64_t>(required));
+      CHECK(h.cache.device_bytes() == required);
+      test::StoreSnapshot<T> const snap = test::take_snapshot<T>(h.cache.store(), h.stream.get());
+      std::int64_t slots = 0;
+      std::int64_t pages = 0;
+      for (auto const& [seq, layers] : h.refs) {
+        for (int l = 0; l < config.shape.num_layers; ++l) {
+          reference::LayerCache const& ref = layers[static_cast<std::size_t>(l)];
+          CHECK(stats.tokens_of(l, seq) == ref.tokens_seen());
+          for (int kv = 0; kv < config.shape.num_kv_heads; ++kv) {
+            int const length = ref.slots(kv);
+            CHECK(stats.slots_of(l, seq, kv) == length);
+            CHECK(stats.compression_ratio(l, seq, kv) ==
+                  doctest::Approx(ref.compression_ratio(kv)));
+            // A head holds ceil(length / page) pages, or one more when a DMC token merged
+            // after its step's prepare took a page for a possible append.
+            int const count =
+                snap.page_counts[static_cast<std::size_t>(snap.head_index(l, seq, kv))];
+            CHECK(count >= (length + config.page_size - 1) / config.page_size);
+            CHECK(count <= (length + config.page_size) / config.page_size);
+            slots += length;
+            pages += count;
+          }
+        }
+      }
+      PagedStoreConfig store;
+      REQUIRE(config.to_store_config(store) == Status::kSuccess);
+      CHECK(stats.store.slots_used == slots);
+      CHECK(stats.store.pages_held == pages);
+      CHECK(stats.store.pages_free + stats.store.pages_held == store.num_pages);
+      CHECK(stats.store.slack_slots == pages * config.page_size - slots);
+      CHECK(stats.store.bytes_in_use == slots * config.shape.head_dim * 2 * 2);
+      // Released sequences count nothing.
+      for (int seq = 0; seq < config.max_seqs; ++seq) {
+        if (h.refs.count(seq) == 0) CHECK(stats.sequence_slots(seq) == 0);
+      }
+
+      // The asynchronous form into pinned memory gives the same numbers.
+      StoreStats* pinned_stats = nullptr;
+      std::int32_t* pinned_slots = nullptr;
+      std::int64_t* pinned_tokens = nullptr;
+      std::size_t const rows = static_cast<std::size_t>(config.shape.num_layers) * config.max_seqs;
+      KVC_CUDA_REQUIRE(cudaMallocHost(reinterpret_cast<void**>(&pinned_stats), sizeof(StoreStats)));
+      KVC_CUDA_REQUIRE(cudaMallocHost(reinterpret_cast<void**>(&pinned_slots),
+                                      rows * config.shape.num_kv_heads * sizeof(std::int32_t)));
+      KVC_CUDA_REQUIRE(
+          cudaMallocHost(reinterpret_cast<void**>(&pinned_tokens), rows * sizeof(std::int64_t)));
+      KVC_STATUS_REQUIRE(
+          h.cache.stats_async(pinned_stats, pinned_slots, pinned_tokens, h.stream.get()));
+      KVC_CUDA_REQUIRE(cudaStreamSynchronize(h.stream.get()));
+      CacheStats async;
+      async.assign(config.shape.num_layers, config.max_seqs, config.shape.num_kv_heads,
+                   *pinned_stats, pinned_slots, pinned_tokens,
+                   static_cast<std::int64_t>(h.cache.device_bytes()));
+      CHECK(async.slots == stats.slots);
+      CHECK(async.tokens == stats.tokens);
+      CHECK(async.store.pages_free == stats.store.pages_free);
+      cudaFreeHost(pinned_stats);
+      cudaFreeHost(pinned_slots);
+      cudaFreeHost(pinned_tokens);
+    }
+  }
+
+  TEST_CASE("kv_cache: bad calls return their Status and change nothing") {
+    KVC_REQUIRE_CUDA_DEVICE();
+    std::mt19937_64 rng(test::test_seed());
+    KVCacheConfig const config = base_config(PolicyKind::kH2O);
+    Harness<OracleDecodeAttention> h(config);
+    int const a = h.join();
+    int const b = h.join();
+    for (int s = 0; s < 14; ++s) h.step(rng, {a, b}, "warm-up " + std::to_string(s));
+    test::StoreSnapshot<T> const before = test::take_snapshot<T>(h.cache.store(), h.stream.get());
+    auto unchanged = [&](char const* what) {
+      INFO(what);
+      CHECK_FALSE(h.cache.in_step());
+      test::StoreSnapshot<T> const now = test::take_snapshot<T>(h.cache.store(), h.stream.get());
+      CHECK(now.lengths == before.lengths);
+      CHECK(now.page_table == before.page_table);
+      CHECK(now.tokens_seen == before.tokens_seen);
+      CHECK(now.free_count == before.free_count);
+      CHECK(now.active == before.active);
+      h.compare_cache(what);
+    };
+    cudaStream_t const s = h.stream.get();
+    void* out = h.out.data();
+    void const* q = h.q.data();
+    void const* k = h.k.data();
+    void const* v = h.v.data();
+
+    // create: an invalid config leaves the target as it was.
+    KVCacheConfig bad = config;
+    bad.shape.num_q_heads = 7;
+    BasicKVCache<OracleDecodeAttention> other;
+    CHECK(BasicKVCache<OracleDecodeAttention>::create(bad, s, other) == Status::kErrorInvalidShape);
+    CHECK_FALSE(other.valid());
+    CHECK(BasicKVCache<OracleDecodeAttention>::create(bad, s, h.cache) ==
+          Status::kErrorInvalidShape);
+    CHECK(h.cache.valid());
+    bad = config;
+    bad.shape.head_dim = 96;  // no compiled kernel for 96 (the oracle has one)
+    KVCache no_kernel;
+    CHECK(KVCache::create(bad, s, no_kernel) == Status::kErrorNotSupported);
+
+    // begin_step.
+    int const ids_dup[2] = {a, a};
+    int const ids_gone[2] = {a, 4};
+    int const ids_range[1] = {99};
+    std::vector<int> too_many(static_cast<std::size_t>(config.batch_capacity() + 1), a);
+    CHECK(h.cache.begin_step(ids_dup, 2, s) == Status::kErrorInvalidArgument);
+    CHECK(h.cache.begin_step(ids_gone, 2, s) == Status::kErrorInvalidSequence);
+    CHECK(h.cache.begin_step(ids_range, 1, s) == Status::kErrorInvalidSequence);
+    CHECK(h.cache.begin_step(too_many.data(), static_cast<int>(too_many.size()), s) ==
+          Status::kErrorInvalidArgument);
+    CHECK(h.cache.begin_step(nullptr, 1, s) == Status::kErrorInvalidArgument);
+    CHECK(h.cache.begin_step(ids_gone, -1, s) == Status::kErrorInvalidArgument);
+    // Outside a step.
+    CHECK(h.cache.decode_layer(0, q, k, v, out, s) == Status::kErrorInvalidArgument);
+    CHECK(h.cache.end_step(s) == Status::kErrorInvalidArgument);
+    // prefill_layer.
+    CHECK(h.cache.prefill_layer(4, 0, 3, q, k, v, out, s) == Status::kErrorInvalidSequence);
+    CHECK(h.cache.prefill_layer(a, 2, 3, q, k, v, out, s) == Status::kErrorInvalidArgument);
+    CHECK(h.cache.prefill_layer(a, 0, 0, q, k, v, out, s) == Status::kErrorInvalidArgument);
+    CHECK(h.cache.prefill_layer(a, 0, 3, q, nullptr, v, out, s) == Status::kErrorInvalidArgument);
+    CHECK(h.cache.release_sequence(4, s) == Status::kErrorInvalidSequence);
+    unchanged("outside a step");
+
+    // Inside a step: refused calls leave the step open and the cache as it was.
+    int const ids[2] = {b, a};
+    KVC_STATUS_REQUIRE(h.cache.begin_step(ids, 2, s));
+    CHECK(h.cache.begin_step(ids, 2, s) == Status::kErrorInvalidArgument);
+    CHECK(h.cache.decode_layer(-1, q, k, v, out, s) == Status::kErrorInvalidArgument);
+    CHECK(h.cache.decode_layer(2, q, k, v, out, s) == Status::kErrorInvalidArgument);
+    CHECK(h.cache.decode_layer(0, nullptr, k, v, out, s) == Status::kErrorInvalidArgument);
+    CHECK(h.cache.decode_layer(0, q, k, v, static_cast<char*>(out) + 2, s) ==
+          Status::kErrorInvalidArgument);
+    CHECK(h.cache.release_sequence(a, s) == Status::kErrorInvalidArgument);
+    CHECK(h.cache.prefill_layer(a, 0, 1, q, k, v, out, s) == Status::kErrorInvalidArgument);
+    CHECK(h.cache.in_step());
+    // The step then runs normally (every layer once; a second time is refused).
+    std::vector<float> qh, kh, vh;
+    for (int l = 0; l < config.shape.num_layers; ++l) {
+      h.draw(rng, 2, qh, kh, vh);
+      h.q.upload(test::to_storage<T>(qh), s);
+      h.k.upload(test::to_storage<T>(kh), s);
+      h.v.upload(test::to_storage<T>(vh), s);
+      KVC_STATUS_REQUIRE(h.cache.decode_layer(l, q, k, v, out, s));
+      CHECK(h.cache.decode_layer(l, q, k, v, out, s) == Status::kErrorInvalidArgument);
+      for (int r = 0; r < 2; ++r) {
+        std::size_t const rr = static_cast<std::size_t>(r);
+        reference::AttentionOutput want;
+        KVC_STATUS_REQUIRE(h.refs.at(ids[r])[static_cast<std::size_t>(l)].decode_step(
+            reference::DecodeInput{reference::ConstSpan(qh.data() + rr * h.q_row(), h.q_row()),
+                                   reference::ConstSpan(kh.data() + rr * h.kv_row(), h.kv_row()),
+                                   reference::ConstSpan(vh.data() + rr * h.kv_row(), h.kv_row())},
+            want));
+      }
+    }
+    KVC_STATUS_REQUIRE(h.cache.end_step(s));
+    KVC_STATUS_REQUIRE(h.cache.step_status_sync());
+    h.compare_cache("after the refused calls");
+    h.step(rng, {a, b}, "next step");
+  }
+
+  TEST_CASE("kv_cache: a pool too small refuses the step, which changes nothing") {
+    KVC_REQUIRE_CUDA_DEVICE();
+    std::mt19937_64 rng(test::test_seed());
+    KVCacheConfig config = base_config(PolicyKind::kFull);
+    config.num_pages = 2 * 2 * 2 + 1;  // two sequences of one page per (layer, KV head), + 1
+    Harness<OracleDecodeAttention> h(config);
+    int const a = h.join();
+    int const b = h.join();
+    for (int s = 0; s < 16; ++s) h.step(rng, {a, b}, "fill " + std::to_string(s));
+    // Token 17 needs a second page in every (layer, KV head) of both: 8 pages, 1 free.
+    std::vector<std::int32_t> const lengths_before =
+        test::take_snapshot<T>(h.cache.store(), h.stream.get()).lengths;
+    int const ids[2] = {a, b};
+    KVC_STATUS_REQUIRE(h.cache.begin_step(ids, 2, h.stream.get()));
+    std::vector<float> qh, kh, vh;
+    for (int l = 0; l < config.shape.num_layers; ++l) {
+      h.draw(rng, 2, qh, kh, vh);
+      h.q.upload(test::to_storage<T>(qh), h.stream.get());
+      h.k.upload(test::to_storage<T>(kh), h.stream.get());
+      h.v.upload(test::to_storage<T>(vh), h.stream.get());
+      KVC_STATUS_REQUIRE(h.cache.decode_layer(l, h.q.data(), h.k.data(), h.v.data(), h.out.data(),
+                                              h.stream.get()));
+    }
+    KVC_STATUS_REQUIRE(h.cache.end_step(h.stream.get()));
+    StepReport report;
+    CHECK(h.cache.step_status_sync(&report) == Status::kErrorOutOfPages);
+    CHECK(report.failed == 1);
+    CHECK(report.pages_short > 0);
+    CHECK((h.cache.row_flags()[0] | h.cache.row_flags()[1]) != 0);
+    bool ready = false;
+    Status polled = Status::kSuccess;
+    KVC_STATUS_REQUIRE(h.cache.poll_step(ready, polled));
+    CHECK(ready);
+    CHECK(polled == Status::kErrorOutOfPages);
+    CHECK(test::take_snapshot<T>(h.cache.store(), h.stream.get()).lengths == lengths_before);
+    h.compare_cache("refused step");  // the reference did not take the step either
+    // Release one sequence; the other's step now succeeds.
+    h.leave(a);
+    h.step(rng, {b}, "retry");
+  }
+}
