@@ -177,3 +177,14 @@ if ((failed)); then
   exit 1
 fi
 echo "gpu-check: all phases passed"
+
+# Prefill attention baseline (appended): PyTorch SDPA causal prefill on the shapes of
+# kvc_bench_prefill (which the benchmark loop above already runs), when torch is installed. Runs
+# after the summary (only when every phase passed); JSON in $OUT/sdpa_prefill.json.txt.
+if python3 -c 'import torch' >/dev/null 2>&1; then
+  python3 benchmarks/baselines/sdpa_prefill.py --out "${out}/sdpa_prefill.json.txt" >"${out}/sdpa_prefill.log" 2>&1 ||
+    echo "sdpa_prefill.py failed (see ${out}/sdpa_prefill.log)"
+fi
+
+# Store-side prefill (appended): kvc_bench_prefill_store (benchmarks/bench_prefill_store.cu) is a
+# kvc_bench_* binary, so the benchmark loop above already runs it and summarize.py reports it.

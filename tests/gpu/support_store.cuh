@@ -22,6 +22,7 @@
 #include "kvc/attention/score_hook.hpp"
 #include "kvc/cache/paged_store.cuh"
 #include "kvc/core/dtype_traits.hpp"
+#include "kvc/reference/dmc_state.hpp"
 #include "kvc/reference/types.hpp"
 
 #include "test_support.hpp"
@@ -710,6 +711,53 @@ void run_store_cases(std::vector<RunCase> cases, std::mt19937_64& rng, Checks co
     CHECK(summary.steps == c.steps);
     CHECK(summary.max_batch >= 3);
     more_checks(c, summary);
+  }
+}
+
+//! Compares DMC's running state of every KV head of (layer, slot) with the reference's: the sums,
+//! the weight sum and the ring within `tolerance`, the group length exactly.
+template <class T>
+void compare_dmc_state(StoreSnapshot<T> const& snap, int layer, int slot,
+                       std::vector<reference::DmcHeadState> const& want_heads, Tolerance tolerance,
+                       std::string const& what) {
+  int const d = snap.dims.head_dim;
+  int const window = snap.dims.dmc_window;
+  auto part = [](std::vector<float> const& all, std::size_t first, std::size_t count) {
+    return std::vector<float>(all.begin() + static_cast<std::ptrdiff_t>(first),
+                              all.begin() + static_cast<std::ptrdiff_t>(first + count));
+  };
+  for (int h = 0; h < snap.dims.num_kv_heads; ++h) {
+    std::string const where =
+        what + " slot " + std::to_string(slot) + " kv head " + std::to_string(h);
+    std::size_t const head = static_cast<std::size_t>(snap.head_index(layer, slot, h));
+    reference::DmcHeadState const& want = want_heads[static_cast<std::size_t>(h)];
+    require_close(part(snap.k_sum, head * d, d), want.k_sum, tolerance, where + " k_sum");
+    require_close(part(snap.v_sum, head * d, d), want.v_sum, tolerance, where + " v_sum");
+    require_close(std::vector<float>{snap.weight_sum[head]}, std::vector<float>{want.weight_sum},
+                  tolerance, where + " weight_sum");
+    REQUIRE_MESSAGE(snap.group_length[head] == want.group_length, where << ": group length");
+    if (window > 0) {
+      std::size_t const cells = static_cast<std::size_t>(window);
+      require_close(part(snap.ring_k, head * cells * d, cells * d), want.ring_k, tolerance,
+                    where + " ring_k");
+      require_close(part(snap.ring_v, head * cells * d, cells * d), want.ring_v, tolerance,
+                    where + " ring_v");
+      require_close(part(snap.ring_w, head * cells, cells), want.ring_w, tolerance,
+                    where + " ring_w");
+    }
+  }
+}
+
+//! A head holds exactly ceil(length / page_size) pages (no spare pages after a successful step).
+template <class T>
+void check_exact_pages(StoreSnapshot<T> const& snap, int layer, int slot, std::string const& what) {
+  for (int h = 0; h < snap.dims.num_kv_heads; ++h) {
+    std::size_t const head = static_cast<std::size_t>(snap.head_index(layer, slot, h));
+    int const length = snap.lengths[head];
+    int const pages = (length + snap.dims.page_size - 1) / snap.dims.page_size;
+    REQUIRE_MESSAGE(snap.page_counts[head] == pages, what << " slot " << slot << " kv head " << h
+                                                          << ": " << snap.page_counts[head]
+                                                          << " pages for " << length << " slots");
   }
 }
 

@@ -29,8 +29,6 @@
 
 namespace kvc::detail {
 
-inline constexpr float kLn2 = 0.6931471805599453f;
-
 //! Compile-time shape of one instantiation: tiles, pipeline depth and shared-memory layout.
 template <class T, int kHeadDim, int kGroupSize>
 struct DecodeTraits {

@@ -15,6 +15,16 @@
 
 namespace kvc::detail {
 
+inline constexpr float kLog2e = 1.4426950408889634f;  //!< log2(e)
+inline constexpr float kLn2 = 0.6931471805599453f;    //!< ln(2)
+
+//! Shared address of 16-byte chunk `chunk` of row `row` in a tile of kRowBytes-byte rows whose
+//! chunks are XOR-swizzled by (row & 7) (the layout of every K/V/Q tile in the attention kernels).
+template <int kRowBytes>
+KVC_DEVICE std::uint32_t swizzled_address(std::uint32_t tile, int row, int chunk) {
+  return tile + static_cast<std::uint32_t>(row * kRowBytes + ((chunk ^ (row & 7)) << 4));
+}
+
 //! Shared-memory address of a generic pointer, as cp.async / ldmatrix take it.
 KVC_DEVICE std::uint32_t smem_address(void const* pointer) {
   return static_cast<std::uint32_t>(__cvta_generic_to_shared(pointer));

@@ -35,8 +35,6 @@
 
 namespace kvc::detail {
 
-inline constexpr float kLog2e = 1.4426950408889634f;
-
 //! Where a warp writes the scaled logits of its slots (score hook), or nowhere.
 struct LogitSink {
   float* row = nullptr;  //!< probs row of (batch row, query head) of this lane, or null

@@ -63,12 +63,19 @@ KVC_HOST_DEVICE bool dmc_merges(float k_decision, DmcConfig const& config, bool 
   return !first_token && (k_decision - config.offset > 0.0f);
 }
 
+//! dmc_group_logit with the G logits given by `logit(g)` (kernels that read them strided from
+//! the packed q of a prefill chunk, in any dtype). Same operations in the same order.
+template <class Logit>
+KVC_HOST_DEVICE float dmc_group_logit_of(Logit const& logit, int group_size) {
+  float sum = 0.0f;
+  for (int g = 0; g < group_size; ++g) sum = add_rn(sum, logit(g));
+  return div_rn(sum, static_cast<float>(group_size));
+}
+
 //! The omega logit of a KV head: the mean of q[d] over the G query heads of its group.
 //! `logits` holds those G values in query-head order.
 KVC_HOST_DEVICE float dmc_group_logit(float const* logits, int group_size) {
-  float sum = 0.0f;
-  for (int g = 0; g < group_size; ++g) sum = add_rn(sum, logits[g]);
-  return div_rn(sum, static_cast<float>(group_size));
+  return dmc_group_logit_of([logits](int g) { return logits[g]; }, group_size);
 }
 
 //! omega = sigmoid(logit + offset) + eps.

@@ -1,0 +1,437 @@
+//! @file
+//! The persistent prefill-attention kernel. A fixed grid (SMs x resident CTAs) takes work items
+//! (prefill_plan.cuh) one at a time from an atomic cursor over the cost-ordered list. An item is
+//! a key range of one q tile (R query rows = R / G tokens x G heads of one KV head; R = 128 with
+//! 8 warps for fp16/bf16, 64 with 4 warps for fp32); its Q tile
+//! and its K/V tiles (cached prefix slots through the page table, then the chunk's own keys from
+//! the packed k / v) stream through a multi-stage cp.async pipeline into XOR-swizzled shared
+//! tiles, the source rows (page-table lookups) and DMC mask flags of the next tile being fetched
+//! one iteration ahead into registers. Each warp owns 16 query rows and all keys of
+//! every tile (PrefillTcWarp / PrefillSimtWarp), so warps never merge. An item that is the whole
+//! key range writes out / lse directly; a split writes a normalised partial (o, lse) to the
+//! workspace and the last of the q tile's splits to finish (arrival counter, __threadfence)
+//! merges them in split order.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include <cuda_runtime.h>
+
+#include "kvc/attention/decode_primitives.cuh"
+#include "kvc/attention/params.hpp"
+#include "kvc/attention/prefill_params.hpp"
+#include "kvc/attention/prefill_plan.cuh"
+#include "kvc/attention/prefill_warp.cuh"
+#include "kvc/core/dtype_traits.hpp"
+#include "kvc/core/macros.hpp"
+#include "kvc/core/status.hpp"
+
+namespace kvc::detail {
+
+//! A variant serves prefill through its PrefillParams constructor / validate when it has them,
+//! otherwise through the DecodeParams ones on decode_params_of(params).
+template <class Variant>
+inline constexpr bool kPrefillNativeVariant =
+    std::is_constructible<Variant, PrefillParams const&>::value;
+
+template <class Variant>
+Status validate_prefill_variant(PrefillParams const& params) {
+  if constexpr (kPrefillNativeVariant<Variant>) {
+    return Variant::validate(params);
+  } else {
+    return Variant::validate(decode_params_of(params));
+  }
+}
+
+//! Compile-time shape of one instantiation: tiles, pipeline depth and shared-memory layout.
+template <class T, int kHeadDim, int kGroupSize>
+struct PrefillTraits {
+  static constexpr bool kTensorCores = !std::is_same<T, float>::value;
+  // 16-bit: 8 warps, q tiles of 128 rows (one CTA per SM at D >= 128, 8 warps sharing every K/V
+  // tile); fp32: 4 warps, 64 rows.
+  static constexpr int kWarps = kTensorCores ? 8 : 4;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kRows = kWarps * kPrefillWarpRows;  // query rows per q tile
+  static constexpr int kTokens = kRows / kGroupSize;
+  static constexpr int kKeys = kTensorCores && kHeadDim < 256 ? 64 : 32;  // keys per K/V tile
+  static constexpr int kRowBytes = kHeadDim * static_cast<int>(sizeof(T));
+  static constexpr int kElems = 16 / static_cast<int>(sizeof(T));
+  static constexpr int kChunks = kRowBytes / 16;
+  static constexpr int kQBytes = kRows * kRowBytes;
+  static constexpr int kTileBytes = kKeys * kRowBytes;
+  static constexpr int kStageBytes = 2 * kTileBytes;
+  // 16-bit: Q 16/32/64 KB + stages of 16/32/32 KB; fp32: Q 16/32/64 KB + stages of 16/32/64 KB.
+  static constexpr int kStages = kHeadDim == 256 ? 2 : (kTensorCores || kHeadDim == 64 ? 3 : 2);
+  static constexpr int kCopies = kKeys * kChunks / kThreads;
+  static constexpr int kQCopies = kRows * kChunks / kThreads;
+
+  static constexpr int align16(int bytes) { return (bytes + 15) / 16 * 16; }
+  static constexpr int kStagesOffset = kQBytes;
+  static constexpr int kSrcOffset =
+      kStagesOffset + kStages * kStageBytes;                            // long long [stages][keys]
+  static constexpr int kFlagOffset = kSrcOffset + kStages * kKeys * 8;  // uint8 [stages][keys]
+  static constexpr int kWOffset = align16(kFlagOffset + kStages * kKeys);  // float [warps][64]
+  static constexpr int kMiscOffset = kWOffset + kWarps * kPrefillMaxSplits * 4;  // int [4]
+  static constexpr int kSmemBytes = kMiscOffset + 16;
+  static constexpr int kSmemPerSm = 228 * 1024;
+  // Resident CTAs per SM the launch bounds promise: 1 with 8 warps; at most 2 for fp32 (whose
+  // warps need ~170-255 registers: 3 CTAs would force spills).
+  static constexpr int kMinBlocks = kThreads > 128
+                                        ? 1
+                                        : (kSmemPerSm / (kSmemBytes + 1024) >= 2 ? 2 : 1);
+
+  static_assert(kGroupSize >= 1 && kGroupSize <= 8 && 8 % kGroupSize == 0,
+                "group size 1, 2, 4 or 8");
+  static_assert(kChunks >= 8 && kChunks % 8 == 0, "the swizzle needs rows of 8k 16-byte chunks");
+  static_assert(kPrefillKeyQuantum % kKeys == 0, "splits must hold whole tiles");
+  static_assert((kKeys * kChunks) % kThreads == 0 && (kRows * kChunks) % kThreads == 0,
+                "copies per thread");
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory above the sm_90 limit");
+};
+
+//! Typed kernel arguments.
+template <class T>
+struct PrefillKernelArgs {
+  PrefillParams params;         // for variants built from PrefillParams
+  DecodeParams variant_params;  // for variants built from DecodeParams
+  T const* q;
+  T const* k;
+  T const* v;
+  T* out;
+  float* lse;
+  T const* k_pages;
+  T const* v_pages;
+  std::int32_t const* page_table;
+  std::uint8_t const* mask;
+  int page_size;
+  int page_shift;  // log2(page_size), or -1
+  int max_pages_per_head;
+  int num_kv_heads;
+  int num_q_heads;
+  float scale;
+  float scale_log2;
+  bool write_lse2;  // keep the final LSE (log2) in ws.lse2 for the score pass
+  PrefillWorkspace ws;
+};
+
+template <class Variant, class T>
+KVC_DEVICE Variant make_prefill_variant(PrefillKernelArgs<T> const& args) {
+  if constexpr (kPrefillNativeVariant<Variant>) {
+    return Variant(args.params);
+  } else {
+    return Variant(args.variant_params);
+  }
+}
+
+//! Stores two adjacent outputs.
+template <class T>
+KVC_DEVICE void store_pair(T* destination, float a, float b) {
+  if constexpr (std::is_same<T, float>::value) {
+    *reinterpret_cast<float2*>(destination) = make_float2(a, b);
+  } else {
+    *reinterpret_cast<std::uint32_t*>(destination) = pack2<T>(a, b);
+  }
+}
+
+//! Source of item-space key j of the current item: >= 0 pool element offset, <= -2 chunk element
+//! offset (-2 - offset) into k / v, -1 past the item's end (zero fill). `flag`: the DMC mask
+//! flag of a chunk key (1 for prefix slots or without a mask).
+template <class T>
+KVC_DEVICE void prefill_key_source(PrefillKernelArgs<T> const& args, PrefillWorkItem const& item,
+                                   int kv_head, std::int32_t const* pages, int j, long long& source,
+                                   unsigned char& flag) {
+  constexpr long long kNone = -1;
+  if (j >= item.end) {
+    source = kNone;
+    flag = 0;
+    return;
+  }
+  if (j < item.prefix) {
+    int page, offset;
+    if (args.page_shift >= 0) {
+      page = j >> args.page_shift;
+      offset = j & (args.page_size - 1);
+    } else {
+      page = j / args.page_size;
+      offset = j - page * args.page_size;
+    }
+    source = (static_cast<long long>(pages[page]) * args.page_size + offset) *
+             args.params.cache.head_dim;
+    flag = 1;
+    return;
+  }
+  long long const token = static_cast<long long>(item.token0) + (j - item.prefix);
+  long long const index = token * args.num_kv_heads + kv_head;
+  source = -2 - index * args.params.cache.head_dim;
+  flag = args.mask == nullptr ? 1 : (args.mask[index] != 0 ? 1 : 0);
+}
+
+template <class Variant, class T, int kHeadDim, int kGroupSize>
+KVC_GLOBAL void __launch_bounds__(PrefillTraits<T, kHeadDim, kGroupSize>::kThreads,
+                                  PrefillTraits<T, kHeadDim, kGroupSize>::kMinBlocks)
+    prefill_attention_kernel(PrefillKernelArgs<T> const args) {
+  using Traits = PrefillTraits<T, kHeadDim, kGroupSize>;
+  using Warp =
+      std::conditional_t<Traits::kTensorCores,
+                         PrefillTcWarp<T, kHeadDim, kGroupSize,
+                                       PrefillTraits<T, kHeadDim, kGroupSize>::kKeys, Variant>,
+                         PrefillSimtWarp<kHeadDim, kGroupSize, Variant>>;
+  constexpr int kThreads = Traits::kThreads;
+  constexpr int kStages = Traits::kStages;
+  constexpr int kKeys = Traits::kKeys;
+  constexpr int kChunks = Traits::kChunks;
+  constexpr int kElems = Traits::kElems;
+  constexpr int kRowBytes = Traits::kRowBytes;
+  constexpr int kTileBytes = Traits::kTileBytes;
+  constexpr int kRows = Traits::kRows;
+
+  extern __shared__ __align__(128) unsigned char smem[];
+  unsigned char* const q_tile = smem;  // T [kRows][D]
+  long long* const s_src =
+      reinterpret_cast<long long*>(smem + Traits::kSrcOffset);           // [stages][keys]
+  unsigned char* const s_flag = smem + Traits::kFlagOffset;              // [stages][keys]
+  float* const s_w = reinterpret_cast<float*>(smem + Traits::kWOffset);  // [warps][64] weights
+  int* const s_misc = reinterpret_cast<int*>(smem + Traits::kMiscOffset);
+
+  // Everything below reads what the plan kernel wrote.
+  grid_dependency_wait();
+
+  int const tid = static_cast<int>(threadIdx.x);
+  int const lane = tid & 31;
+  int const warp = tid >> 5;
+  int const hq = args.num_q_heads;
+  int const hkv = args.num_kv_heads;
+  PrefillWorkspace const& ws = args.ws;
+  int const num_items = ws.counters[0];
+  Variant const variant = make_prefill_variant<Variant>(args);
+  Warp state;
+
+#pragma unroll 1
+  for (;;) {
+    if (tid == 0) s_misc[0] = atomicAdd(ws.counters + 1, 1);
+    __syncthreads();
+    int const index = s_misc[0];
+    if (index >= num_items) break;
+    PrefillWorkItem const item = ws.items[index];
+    int const batch_row = item.pair / hkv;
+    int const kv_head = item.pair - batch_row * hkv;
+    int const q_head0 = kv_head * kGroupSize;
+    int const tiles = (item.end - item.begin + kKeys - 1) / kKeys;
+    std::int32_t const* pages =
+        item.cache_head >= 0
+            ? args.page_table + static_cast<long long>(item.cache_head) * args.max_pages_per_head
+            : nullptr;
+
+    // cp.async of tile `tile` into `stage` from the rows in s_src[stage].
+    auto issue = [&](int stage) {
+      std::uint32_t const k_dst =
+          smem_address(smem + Traits::kStagesOffset + stage * Traits::kStageBytes);
+      std::uint32_t const v_dst = k_dst + kTileBytes;
+      long long const* rows = s_src + stage * kKeys;
+#pragma unroll
+      for (int i = 0; i < Traits::kCopies; ++i) {
+        int const id = tid + i * kThreads;
+        int const r = id / kChunks;
+        int const c = id - r * kChunks;
+        long long const source = rows[r];
+        T const* k_src = args.k;
+        T const* v_src = args.v;
+        if (source >= 0) {
+          k_src = args.k_pages + source + c * kElems;
+          v_src = args.v_pages + source + c * kElems;
+        } else if (source <= -2) {
+          k_src = args.k + (-2 - source) + c * kElems;
+          v_src = args.v + (-2 - source) + c * kElems;
+        }
+        std::uint32_t const offset =
+            static_cast<std::uint32_t>(r * kRowBytes + ((c ^ (r & 7)) << 4));
+        cp_async_16(k_dst + offset, k_src, source != -1);
+        cp_async_16(v_dst + offset, v_src, source != -1);
+      }
+    };
+
+    // Q tile: row r is token tile_token + r / G, query head q_head0 + r % G (zero past the chunk).
+    {
+      std::uint32_t const q_dst = smem_address(q_tile);
+#pragma unroll
+      for (int i = 0; i < Traits::kQCopies; ++i) {
+        int const id = tid + i * kThreads;
+        int const r = id / kChunks;
+        int const c = id - r * kChunks;
+        int const token = item.tile_token + r / kGroupSize;
+        bool const valid = token < item.num_tokens;
+        long long const row = (static_cast<long long>(item.token0) + (valid ? token : 0)) * hq +
+                              q_head0 + r % kGroupSize;
+        cp_async_16(q_dst + static_cast<std::uint32_t>(r * kRowBytes + ((c ^ (r & 7)) << 4)),
+                    args.q + row * kHeadDim + c * kElems, valid);
+      }
+    }
+
+    // Prologue: tiles 0 .. kStages - 2, one commit group each (the first also holds Q).
+#pragma unroll 1
+    for (int s = 0; s < kStages - 1; ++s) {
+      if (s < tiles && tid < kKeys) {
+        long long source;
+        unsigned char flag;
+        prefill_key_source(args, item, kv_head, pages, item.begin + s * kKeys + tid, source, flag);
+        s_src[s * kKeys + tid] = source;
+        s_flag[s * kKeys + tid] = flag;
+      }
+      __syncthreads();
+      if (s < tiles) issue(s);
+      cp_async_commit();
+    }
+    long long next_source = -1;
+    unsigned char next_flag = 0;
+    if (kStages - 1 < tiles && tid < kKeys) {
+      prefill_key_source(args, item, kv_head, pages, item.begin + (kStages - 1) * kKeys + tid,
+                         next_source, next_flag);
+    }
+
+#pragma unroll 1
+    for (int t = 0; t < tiles; ++t) {
+      int const ahead = t + kStages - 1;
+      int const ahead_stage = ahead % kStages;
+      if (ahead < tiles && tid < kKeys) s_src[ahead_stage * kKeys + tid] = next_source;
+      cp_async_wait<kStages - 2>();
+      __syncthreads();
+      if (ahead < tiles) {
+        issue(ahead_stage);
+        if (tid < kKeys) s_flag[ahead_stage * kKeys + tid] = next_flag;
+        if (ahead + 1 < tiles && tid < kKeys) {
+          prefill_key_source(args, item, kv_head, pages, item.begin + (ahead + 1) * kKeys + tid,
+                             next_source, next_flag);
+        }
+      }
+      cp_async_commit();
+
+      int const stage = t % kStages;
+      int const key0 = item.begin + t * kKeys;
+      unsigned char const* const k_tile =
+          smem + Traits::kStagesOffset + stage * Traits::kStageBytes;
+      unsigned char const* const flags = s_flag + stage * kKeys;
+      int const row0 = warp * kPrefillWarpRows;
+      auto visible = [&](int row_in_warp, int key) {
+        int const j = key0 + key;
+        if (j >= item.end) return false;
+        if (j < item.prefix) return true;
+        int const chunk_key = j - item.prefix;
+        int const query = item.tile_token + (row0 + row_in_warp) / kGroupSize;
+        return chunk_key == query || (chunk_key < query && flags[key] != 0);
+      };
+      if (t == 0) state.begin(smem_address(q_tile), row0, lane);
+      bool const masked = key0 + kKeys > item.prefix || key0 + kKeys > item.end;
+      if constexpr (Traits::kTensorCores) {
+        std::uint32_t const k_address = smem_address(k_tile);
+        if (masked) {
+          state.template tile<true>(k_address, k_address + kTileBytes, smem_address(q_tile), row0,
+                                    key0, lane, variant, args.scale, args.scale_log2, batch_row,
+                                    q_head0, visible);
+        } else {
+          state.template tile<false>(k_address, k_address + kTileBytes, smem_address(q_tile), row0,
+                                     key0, lane, variant, args.scale, args.scale_log2, batch_row,
+                                     q_head0, visible);
+        }
+      } else {
+        if (masked) {
+          state.template tile<true>(k_tile, k_tile + kTileBytes, q_tile, row0, key0, lane, variant,
+                                    args.scale, args.scale_log2, batch_row, q_head0, visible);
+        } else {
+          state.template tile<false>(k_tile, k_tile + kTileBytes, q_tile, row0, key0, lane, variant,
+                                     args.scale, args.scale_log2, batch_row, q_head0, visible);
+        }
+      }
+    }
+
+    // ---- End of the item.
+    int const row0 = warp * kPrefillWarpRows;
+    auto packed_row = [&](int row_in_tile, int& token) {
+      token = item.tile_token + row_in_tile / kGroupSize;
+      return (static_cast<long long>(item.token0) + token) * hq + q_head0 +
+             row_in_tile % kGroupSize;
+    };
+    if (item.num_splits == 1) {
+      state.finish(
+          lane,
+          [&](int row_in_warp, float lse2) {
+            int token;
+            long long const row = packed_row(row0 + row_in_warp, token);
+            if (token >= item.num_tokens) return;
+            if (args.lse != nullptr) args.lse[row] = lse2 * kLn2;
+            if (args.write_lse2) ws.lse2[row] = lse2;
+          },
+          [&](int row_in_warp, int dim, float a, float b) {
+            int token;
+            long long const row = packed_row(row0 + row_in_warp, token);
+            if (token < item.num_tokens) store_pair<T>(args.out + row * kHeadDim + dim, a, b);
+          });
+      __syncthreads();
+      continue;
+    }
+
+    // A split: publish the partial; the last split of the q tile to arrive merges.
+    long long const record = item.record + item.split;
+    state.finish(
+        lane,
+        [&](int row_in_warp, float lse2) {
+          ws.partial_lse[record * kRows + row0 + row_in_warp] = lse2;
+        },
+        [&](int row_in_warp, int dim, float a, float b) {
+          *reinterpret_cast<float2*>(ws.partial_out +
+                                     (record * kRows + row0 + row_in_warp) * kHeadDim + dim) =
+              make_float2(a, b);
+        });
+    __threadfence();
+    __syncthreads();
+    if (tid == 0)
+      s_misc[1] = atomicAdd(ws.arrivals + item.record, 1) == item.num_splits - 1 ? 1 : 0;
+    __syncthreads();
+    if (s_misc[1] != 0) {
+      __threadfence();
+      int const splits = item.num_splits;
+      float* const weights = s_w + warp * kPrefillMaxSplits;
+      float const* lse_base = ws.partial_lse + static_cast<long long>(item.record) * kRows;
+      float const* out_base =
+          ws.partial_out + static_cast<long long>(item.record) * kRows * kHeadDim;
+#pragma unroll 1
+      for (int r = warp; r < kRows; r += Traits::kWarps) {
+        int token;
+        long long const row = packed_row(r, token);
+        if (token >= item.num_tokens) continue;  // warp-uniform
+        float const a = lane < splits ? __ldcg(lse_base + lane * kRows + r) : -INFINITY;
+        float const b = lane + 32 < splits ? __ldcg(lse_base + (lane + 32) * kRows + r) : -INFINITY;
+        float top = fmaxf(a, b);
+#pragma unroll
+        for (int offset = 16; offset > 0; offset >>= 1)
+          top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, offset));
+        float sum =
+            exp2_approx(a - top) + exp2_approx(b - top);  // top is finite: the row sees its own key
+#pragma unroll
+        for (int offset = 16; offset > 0; offset >>= 1)
+          sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+        float const merged = top + log2f(sum);
+        if (lane < splits) weights[lane] = exp2_approx(a - merged);
+        if (lane + 32 < splits) weights[lane + 32] = exp2_approx(b - merged);
+        __syncwarp();
+        for (int d = lane; d < kHeadDim; d += 32) {
+          float acc = 0.0f;
+          for (int c = 0; c < splits; ++c) {
+            acc += weights[c] *
+                   __ldcg(out_base + (static_cast<long long>(c) * kRows + r) * kHeadDim + d);
+          }
+          args.out[row * kHeadDim + d] = DTypeTraits<T>::from_float(acc);
+        }
+        if (lane == 0) {
+          if (args.lse != nullptr) args.lse[row] = merged * kLn2;
+          if (args.write_lse2) ws.lse2[row] = merged;
+        }
+        __syncwarp();
+      }
+    }
+    __syncthreads();
+  }
+  cp_async_wait<0>();
+}
+
+}  // namespace kvc::detail

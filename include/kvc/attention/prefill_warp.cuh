@@ -1,0 +1,324 @@
+//! @file
+//! Warp computation of prefill attention: one warp owns 16 query rows of the CTA's q tile and
+//! keeps their online-softmax state over every key tile of the item (no cross-warp merge).
+//! Query rows are (token, head) pairs of one KV head, token-major: row r of the q tile is chunk
+//! token tile_token + r / G and query head kv_head * G + r % G, so K and V are read once for G
+//! heads (GQA packing).
+//!
+//! PrefillTcWarp (fp16 / bf16), mma.sync.m16n8k16 with fp32 accumulate, per key tile (64 keys,
+//! 32 at head dim 256 to stay in registers).
+//! (Row r of a warp has query head kv_head * G + r % G since G divides 8.)
+//! Lane = 4 g + t (g = lane / 4, t = lane % 4).
+//!   S = Q K^T (M = 16 rows, N = 8 keys per n-tile, K = 16 dims per k-step):
+//!     A = Q: ldmatrix x4 of the Q tile (rows, dim chunks 2k / 2k + 1) -> a0..a3 as in the PTX
+//!       fragment (a0 = Q[g][2t..], a1 = Q[g+8][2t..], a2 = Q[g][2t+8..], a3 = Q[g+8][2t+8..])
+//!     B = K^T: ldmatrix x4 of the K tile (rows = keys): b0 = K[key g][2t..], b1 = K[key g][2t+8..]
+//!       for two n-tiles per instruction (the same fragment address as decode_tc.cuh)
+//!     C: c0, c1 = S[row g][keys 2t, 2t+1]; c2, c3 = S[row g+8][..]
+//!   O = P V (M = 16 rows, N = 8 dims per n-tile, K = 16 keys):
+//!     A = P: the S accumulators of n-tiles 2kk, 2kk+1 rounded to 16 bits (a0 = c0c1 of 2kk,
+//!       a1 = c2c3 of 2kk, a2 = c0c1 of 2kk+1, a3 = c2c3 of 2kk+1): no shuffle between the products
+//!     B = V: ldmatrix x4 .trans of the V tile (rows = keys): b0 = V[keys 2t, 2t+1][dim g],
+//!       b1 = V[keys 2t+8, +9][dim g], for two dim n-tiles per instruction
+//!     C: c0, c1 = O[row g][dims 2t, 2t+1]; c2, c3 = O[row g+8][..]
+//!   Rows g and g + 8 keep (m, l); the row maximum is reduced over the quad (2 shuffles).
+//! PrefillSimtWarp (fp32 K/V, CUDA cores), per 32-key tile: lane = key for S (dot products from the
+//!   swizzled tiles with 16-byte loads, conflict-free), 5-shuffle row maxima, then lane = dim pair
+//!   (2 lane + 64 i) for O = P V with p broadcast by shuffle. Reference-grade speed.
+//! Both take a mask functor visible(row_in_warp, key_in_tile) -> bool, called only when the tile
+//! needs masking (its keys reach past the prefix or past the item's end).
+#pragma once
+
+#include <cstdint>
+
+#include "kvc/attention/decode_primitives.cuh"
+#include "kvc/core/macros.hpp"
+
+namespace kvc::detail {
+
+inline constexpr int kPrefillWarpRows = 16;
+
+//! swizzled_address split as (chunk & ~7) + ((chunk & 7) ^ (row & 7)): the same address, written
+//! so that an unrolled loop over chunks needs only 8 distinct register offsets per row.
+template <int kRowBytes>
+KVC_DEVICE std::uint32_t swizzled_address_split(std::uint32_t tile, int row, int chunk) {
+  return tile + static_cast<std::uint32_t>(row * kRowBytes + ((chunk & ~7) << 4) +
+                                           (((chunk & 7) ^ (row & 7)) << 4));
+}
+
+template <class T, int kHeadDim, int kGroupSize, int kKeys, class Variant>
+struct PrefillTcWarp {
+  static_assert(kHeadDim % 16 == 0, "head dim must be a multiple of 16");
+  static_assert(kKeys % 16 == 0, "key tiles of 16k keys");
+  static constexpr int kSteps = kHeadDim / 16;    // k-steps of S, 16-dim blocks of O
+  static constexpr int kDimTiles = kHeadDim / 8;  // n-tiles of O
+  static constexpr int kKeyTiles = kKeys / 8;     // n-tiles of S
+  static constexpr int kRowBytes = kHeadDim * 2;
+  // Q fragments stay in registers up to head dim 128; at 256 they are re-read every tile.
+  static constexpr bool kQInRegisters = kHeadDim <= 128;
+  static constexpr int kQRegSteps = kQInRegisters ? kSteps : 1;
+
+  std::uint32_t q[kQRegSteps][4];
+  float o[kDimTiles][4];
+  float m[2];  // running max of rows g, g + 8 (log2 units, quad-uniform)
+  float l[2];  // this lane's share of their running sums
+
+  KVC_DEVICE static void load_q(std::uint32_t (&a)[4], std::uint32_t q_tile, int row0, int step,
+                                int lane) {
+    int const matrix = lane >> 3;
+    int const row = row0 + ((matrix & 1) << 3) + (lane & 7);
+    ldmatrix_x4(a, swizzled_address_split<kRowBytes>(q_tile, row, 2 * step + (matrix >> 1)));
+  }
+
+  KVC_DEVICE void begin(std::uint32_t q_tile, int row0, int lane) {
+    if constexpr (kQInRegisters) {
+#pragma unroll
+      for (int k = 0; k < kSteps; ++k) load_q(q[k], q_tile, row0, k, lane);
+    }
+#pragma unroll
+    for (int n = 0; n < kDimTiles; ++n) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) o[n][i] = 0.0f;
+    }
+    m[0] = m[1] = -INFINITY;
+    l[0] = l[1] = 0.0f;
+  }
+
+  //! One key tile. `key0` is the item-space index of tile key 0 (the variant's slot index).
+  template <bool kMasked, class Visible>
+  KVC_DEVICE void tile(std::uint32_t k_tile, std::uint32_t v_tile, std::uint32_t q_tile, int row0,
+                       int key0, int lane, Variant const& variant, float scale, float scale_log2,
+                       int batch_row, int q_head0, Visible const& visible) {
+    int const g = lane >> 2;
+    int const t = lane & 3;
+    float s[kKeyTiles][4];
+#pragma unroll
+    for (int n = 0; n < kKeyTiles; ++n) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) s[n][i] = 0.0f;
+    }
+#pragma unroll
+    for (int k = 0; k < kSteps; ++k) {
+      std::uint32_t a[4];
+      if constexpr (kQInRegisters) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) a[i] = q[k][i];
+      } else {
+        load_q(a, q_tile, row0, k, lane);
+      }
+#pragma unroll
+      for (int nb = 0; nb < kKeyTiles / 2; ++nb) {
+        std::uint32_t kb[4];
+        int const row = 16 * nb + ((lane >> 4) << 3) + (lane & 7);
+        ldmatrix_x4(kb, swizzled_address_split<kRowBytes>(k_tile, row, 2 * k + ((lane >> 3) & 1)));
+        mma_m16n8k16<T>(s[2 * nb], a, kb[0], kb[1]);
+        mma_m16n8k16<T>(s[2 * nb + 1], a, kb[2], kb[3]);
+      }
+    }
+
+    // Logits in log2 units, masked; row maxima over the quad.
+    float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int n = 0; n < kKeyTiles; ++n) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        int const half = i >> 1;
+        int const key = 8 * n + 2 * t + (i & 1);
+        float value;
+        if constexpr (Variant::kTransformsLogits) {
+          value = variant.logits_transform(s[n][i] * scale, batch_row, q_head0 + g % kGroupSize,
+                                           key0 + key) *
+                  kLog2e;
+        } else {
+          value = s[n][i] * scale_log2;
+        }
+        if constexpr (kMasked) {
+          if (!visible(g + 8 * half, key)) value = -INFINITY;
+        }
+        s[n][i] = value;
+        tile_max[half] = fmaxf(tile_max[half], value);
+      }
+    }
+    float alpha[2];
+    float m_use[2];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      float top = tile_max[half];
+      top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, 1));
+      top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, 2));
+      float const m_new = fmaxf(m[half], top);
+      m_use[half] = m_new == -INFINITY ? 0.0f : m_new;  // nothing visible yet: p = 0, alpha = 0
+      alpha[half] = exp2_approx(m[half] - m_use[half]);
+      m[half] = m_new;
+    }
+    float sum[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int n = 0; n < kKeyTiles; ++n) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        s[n][i] = exp2_approx(s[n][i] - m_use[i >> 1]);
+        sum[i >> 1] += s[n][i];
+      }
+    }
+    l[0] = l[0] * alpha[0] + sum[0];
+    l[1] = l[1] * alpha[1] + sum[1];
+#pragma unroll
+    for (int n = 0; n < kDimTiles; ++n) {
+      o[n][0] *= alpha[0];
+      o[n][1] *= alpha[0];
+      o[n][2] *= alpha[1];
+      o[n][3] *= alpha[1];
+    }
+
+    // O += P V.
+#pragma unroll
+    for (int kk = 0; kk < kKeyTiles / 2; ++kk) {
+      std::uint32_t const a[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]),
+                                  pack2<T>(s[2 * kk][2], s[2 * kk][3]),
+                                  pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                                  pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+      int const row = 16 * kk + (((lane >> 3) & 1) << 3) + (lane & 7);
+#pragma unroll
+      for (int j = 0; j < kSteps; ++j) {
+        std::uint32_t vb[4];
+        ldmatrix_x4_trans(vb, swizzled_address_split<kRowBytes>(v_tile, row, 2 * j + (lane >> 4)));
+        mma_m16n8k16<T>(o[2 * j], a, vb[0], vb[1]);
+        mma_m16n8k16<T>(o[2 * j + 1], a, vb[2], vb[3]);
+      }
+    }
+  }
+
+  //! Calls fn(row_in_warp, lse2) once per row (lse2 = -inf when the row saw no key) and
+  //! out(row_in_warp, dim, value(dim), value(dim + 1)) for the normalised output.
+  template <class LseFn, class OutFn>
+  KVC_DEVICE void finish(int lane, LseFn&& lse_fn, OutFn&& out_fn) {
+    int const g = lane >> 2;
+    int const t = lane & 3;
+    float inv[2];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      float total = l[half] + __shfl_xor_sync(0xffffffffu, l[half], 1);
+      total += __shfl_xor_sync(0xffffffffu, total, 2);
+      inv[half] = total > 0.0f ? 1.0f / total : 0.0f;
+      if (t == 0) lse_fn(g + 8 * half, total > 0.0f ? m[half] + log2f(total) : -INFINITY);
+    }
+#pragma unroll
+    for (int n = 0; n < kDimTiles; ++n) {
+      out_fn(g, 8 * n + 2 * t, o[n][0] * inv[0], o[n][1] * inv[0]);
+      out_fn(g + 8, 8 * n + 2 * t, o[n][2] * inv[1], o[n][3] * inv[1]);
+    }
+  }
+};
+
+template <int kHeadDim, int kGroupSize, class Variant>
+struct PrefillSimtWarp {
+  static constexpr int kKeys = 32;
+  static constexpr int kRows = kPrefillWarpRows;
+  static constexpr int kRowBytes = kHeadDim * 4;
+  static constexpr int kChunks = kHeadDim / 4;  // 16-byte chunks per row
+  static constexpr int kPairs = kHeadDim / 64;  // dim pairs per lane (dims 2 lane + 64 i, + 1)
+  static_assert(kHeadDim % 64 == 0, "fp32 prefill needs a head dim multiple of 64");
+
+  float o[kRows][kPairs][2];
+  float m[kRows];
+  float l[kRows];  // this lane's share
+
+  KVC_DEVICE void begin(std::uint32_t, int, int) {
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      m[r] = -INFINITY;
+      l[r] = 0.0f;
+#pragma unroll
+      for (int i = 0; i < kPairs; ++i) o[r][i][0] = o[r][i][1] = 0.0f;
+    }
+  }
+
+  KVC_DEVICE static float4 chunk_at(unsigned char const* tile, int row, int chunk) {
+    return *reinterpret_cast<float4 const*>(tile + row * kRowBytes + ((chunk ^ (row & 7)) << 4));
+  }
+  KVC_DEVICE static float2 pair_at(unsigned char const* tile, int row, int dim) {
+    return *reinterpret_cast<float2 const*>(tile + row * kRowBytes +
+                                            (((dim >> 2) ^ (row & 7)) << 4) + (dim & 3) * 4);
+  }
+
+  template <bool kMasked, class Visible>
+  KVC_DEVICE void tile(unsigned char const* k_tile, unsigned char const* v_tile,
+                       unsigned char const* q_tile, int row0, int key0, int lane,
+                       Variant const& variant, float scale, float scale_log2, int batch_row,
+                       int q_head0, Visible const& visible) {
+    float x[kRows];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) x[r] = 0.0f;
+#pragma unroll 4
+    for (int c = 0; c < kChunks; ++c) {
+      float4 const k = chunk_at(k_tile, lane, c);
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        float4 const q = chunk_at(q_tile, row0 + r, c);
+        x[r] = fmaf(q.x, k.x, fmaf(q.y, k.y, fmaf(q.z, k.z, fmaf(q.w, k.w, x[r]))));
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      float value;
+      if constexpr (Variant::kTransformsLogits) {
+        value = variant.logits_transform(x[r] * scale, batch_row, q_head0 + r % kGroupSize,
+                                         key0 + lane) *
+                kLog2e;
+      } else {
+        value = x[r] * scale_log2;
+      }
+      if constexpr (kMasked) {
+        if (!visible(r, lane)) value = -INFINITY;
+      }
+      float top = value;
+#pragma unroll
+      for (int offset = 16; offset > 0; offset >>= 1)
+        top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, offset));
+      float const m_new = fmaxf(m[r], top);
+      float const m_use = m_new == -INFINITY ? 0.0f : m_new;
+      float const alpha = exp2_approx(m[r] - m_use);
+      m[r] = m_new;
+      x[r] = exp2_approx(value - m_use);
+      l[r] = l[r] * alpha + x[r];
+#pragma unroll
+      for (int i = 0; i < kPairs; ++i) {
+        o[r][i][0] *= alpha;
+        o[r][i][1] *= alpha;
+      }
+    }
+#pragma unroll 4
+    for (int key = 0; key < kKeys; ++key) {
+      float2 v[kPairs];
+#pragma unroll
+      for (int i = 0; i < kPairs; ++i) v[i] = pair_at(v_tile, key, 2 * lane + 64 * i);
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        float const p = __shfl_sync(0xffffffffu, x[r], key);
+#pragma unroll
+        for (int i = 0; i < kPairs; ++i) {
+          o[r][i][0] = fmaf(p, v[i].x, o[r][i][0]);
+          o[r][i][1] = fmaf(p, v[i].y, o[r][i][1]);
+        }
+      }
+    }
+  }
+
+  template <class LseFn, class OutFn>
+  KVC_DEVICE void finish(int lane, LseFn&& lse_fn, OutFn&& out_fn) {
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      float total = l[r];
+#pragma unroll
+      for (int offset = 16; offset > 0; offset >>= 1)
+        total += __shfl_xor_sync(0xffffffffu, total, offset);
+      float const inv = total > 0.0f ? 1.0f / total : 0.0f;
+      if (lane == 0) lse_fn(r, total > 0.0f ? m[r] + log2f(total) : -INFINITY);
+#pragma unroll
+      for (int i = 0; i < kPairs; ++i)
+        out_fn(r, 2 * lane + 64 * i, o[r][i][0] * inv, o[r][i][1] * inv);
+    }
+  }
+};
+
+}  // namespace kvc::detail
