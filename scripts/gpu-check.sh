@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Full check on a machine with a GPU (the lent H100/H200: 16 cores, CMake 4, Ninja, doctest and
-# Google Benchmark installed): configure Release with every kernel instantiation, build, run the
+# Full check on a machine with a GPU (the lent H100/H200: 16 cores, CMake 4, Ninja; doctest and
+# Google Benchmark carried in .devdeps): configure Release with every kernel instantiation, build, run the
 # GPU and host tests, optionally compute-sanitizer (memcheck, racecheck) on the GPU tests, run
 # every built benchmark with JSON output, and print a summary.
 #
@@ -15,11 +15,13 @@
 #   --build-dir DIR       build directory (default: build-gpu)
 #   --jobs N              build parallelism (default: 16)
 # Output: every phase logs to $OUT/<phase>.log ($OUT defaults to ./out); benchmark results go to
-# $OUT/<binary>.json. A failing phase does not stop the script: it is reported in the final table
-# and the script exits non-zero at the end.
+# $OUT/<binary>.json. (The device tool returns at most 8 files: on the lent machine, point OUT at
+# a scratch folder and tar it into the tool's $OUT.) Carry .devdeps (scripts/pack-device-deps.sh)
+# where doctest / Google Benchmark are missing. A failing phase does not stop the script: it is
+# reported in the final table and the script exits non-zero at the end.
 set -uo pipefail
 
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 sanitize=0
 filter=""
 bench_filter=""
@@ -34,7 +36,7 @@ while (($# > 0)); do
     --no-bench) run_bench=0 ;;
     --build-dir) build_dir=${2:?--build-dir needs a directory}; shift ;;
     --jobs) jobs=${2:?--jobs needs a number}; shift ;;
-    -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu-check: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -45,6 +47,13 @@ mkdir -p "${out}"
 out=$(cd "${out}" && pwd)
 if ! command -v nvcc >/dev/null 2>&1 && [[ -x /usr/local/cuda/bin/nvcc ]]; then
   export PATH="/usr/local/cuda/bin:${PATH}"
+fi
+# doctest and Google Benchmark packed by scripts/pack-device-deps.sh (the lent GPU machine has
+# neither): carry .devdeps and they are found here.
+prefix_args=()
+if [[ -d .devdeps ]]; then
+  prefix_args=("-DCMAKE_PREFIX_PATH=${PWD}/.devdeps")
+  export LD_LIBRARY_PATH="${PWD}/.devdeps/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:${LD_LIBRARY_PATH}}"
 fi
 
 names=()
@@ -99,7 +108,7 @@ device_info() {
 
 run_phase device device_info
 run_phase configure cmake -S . -B "${build_dir}" -G Ninja -DCMAKE_BUILD_TYPE=Release \
-  -DKVC_CI_MINIMAL=OFF
+  -DKVC_CI_MINIMAL=OFF "${prefix_args[@]}"
 if [[ ${results[-1]} == ok ]]; then
   run_phase build cmake --build "${build_dir}" -j "${jobs}"
 else
@@ -155,6 +164,16 @@ if ((run_bench)); then
       failed=1
     fi
   done
+  # PyTorch SDPA baselines of the dense decode shapes and the prefill shapes, in the same run
+  # (JSON as .json.txt so that summarize.py does not read them as Google Benchmark output).
+  if python3 -c 'import torch' >/dev/null 2>&1; then
+    run_phase sdpa_decode python3 benchmarks/baselines/sdpa_decode.py \
+      --out "${out}/sdpa_decode.json.txt"
+    run_phase sdpa_prefill python3 benchmarks/baselines/sdpa_prefill.py \
+      --out "${out}/sdpa_prefill.json.txt"
+  else
+    skip_phase sdpa "no PyTorch"
+  fi
 fi
 
 echo
@@ -178,13 +197,3 @@ if ((failed)); then
 fi
 echo "gpu-check: all phases passed"
 
-# Prefill attention baseline (appended): PyTorch SDPA causal prefill on the shapes of
-# kvc_bench_prefill (which the benchmark loop above already runs), when torch is installed. Runs
-# after the summary (only when every phase passed); JSON in $OUT/sdpa_prefill.json.txt.
-if python3 -c 'import torch' >/dev/null 2>&1; then
-  python3 benchmarks/baselines/sdpa_prefill.py --out "${out}/sdpa_prefill.json.txt" >"${out}/sdpa_prefill.log" 2>&1 ||
-    echo "sdpa_prefill.py failed (see ${out}/sdpa_prefill.log)"
-fi
-
-# Store-side prefill (appended): kvc_bench_prefill_store (benchmarks/bench_prefill_store.cu) is a
-# kvc_bench_* binary, so the benchmark loop above already runs it and summarize.py reports it.
