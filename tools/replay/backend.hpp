@@ -3,11 +3,11 @@
 //! interface every backend implements (Backend), the CPU reference backend, and the factory of
 //! the GPU backend.
 //!
-//! Plugging in the GPU backend: write `tools/replay/gpu_backend.cuh` defining, in namespace
-//! kvc::replay, `io::IoStatus make_gpu_backend_impl(std::unique_ptr<Backend>& out)` (kErrorNoDevice
-//! when no CUDA device is present) and `bool gpu_device_present()`; tools/CMakeLists.txt then
-//! compiles kvc-replay with nvcc and defines KVC_REPLAY_WITH_GPU=1. Nothing else changes: the
-//! driver compares whatever two backends return.
+//! The GPU backend (`tools/replay/gpu_backend.cuh`, built when nvcc is found: tools/CMakeLists.txt
+//! compiles kvc-replay with nvcc and defines KVC_REPLAY_WITH_GPU=1) defines, in namespace
+//! kvc::replay, `io::IoStatus make_gpu_backend_impl(std::unique_ptr<Backend>& out)`
+//! (kErrorNoDevice when no CUDA device is present) and `bool gpu_device_present()`. The driver
+//! compares whatever two backends return.
 #pragma once
 
 #include <algorithm>
@@ -44,6 +44,13 @@ class Backend {
   //! Replays `trace` (already validated): prompt tokens as one prefill chunk, the rest as
   //! decode steps, one token each. `result` is set only on success.
   virtual io::IoStatus run(io::Trace const& trace, ReplayResult& result) = 0;
+  //! False (and `why` set) when this backend cannot run `trace` at all (e.g. no compiled kernel
+  //! for its shape); `--device auto` then runs the reference alone.
+  virtual bool supports(io::Trace const& trace, std::string& why) const {
+    (void)trace;
+    (void)why;
+    return true;
+  }
 };
 
 //! Fills the final-cache fields of `result` from per-KV-head slots (zero padding to the
