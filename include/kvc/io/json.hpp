@@ -466,7 +466,7 @@ class JsonParser {
         case 'r': text.push_back('\r'); break;
         case 't': text.push_back('\t'); break;
         case 'u': {
-          std::uint32_t code_point;
+          std::uint32_t code_point = 0;
           KVC_IO_RETURN_IF_ERROR(parse_hex4(code_point));
           if (code_point >= 0xDC00 && code_point <= 0xDFFF) {
             return fail_at(escape_offset, "lone low surrogate in a \\u escape");
@@ -476,7 +476,7 @@ class JsonParser {
               return fail_at(escape_offset, "high surrogate not followed by a low surrogate");
             }
             pos_ += 2;
-            std::uint32_t low;
+            std::uint32_t low = 0;
             KVC_IO_RETURN_IF_ERROR(parse_hex4(low));
             if (low < 0xDC00 || low > 0xDFFF) {
               return fail_at(escape_offset, "high surrogate not followed by a low surrogate");

@@ -33,6 +33,7 @@
 #include <cstdio>
 #include <limits>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "kvc/core/dtype.hpp"
@@ -294,58 +295,72 @@ inline IoStatus read_json_file(std::string const& path, JsonValue& out) {
   return parse_json(bytes, out).with_context(path);
 }
 
+//! The checks of a trace that come after its four files have been decoded: shapes [T, Hq, D] /
+//! [T, Hkv, D] against `config` with one T in [1, kTraceMaxTokens], prompt_tokens <= T, and the
+//! values (see ValueCheck). `names` are the four file names used in messages (config, q, k, v).
+//! Consumes the arrays' data; `out` is set only on success. read_trace and the parser fuzzers
+//! share it.
+inline IoStatus assemble_trace(TraceConfig const& config, NpyArray<float>&& q, NpyArray<float>&& k,
+                               NpyArray<float>&& v, std::string const (&names)[4], Trace& out,
+                               ValueCheck check = ValueCheck::kReject) {
+  Trace trace;
+  trace.config = config;
+  reference::LayerSpec const& spec = trace.config.spec;
+  KVC_IO_RETURN_IF_ERROR(
+      detail::check_array(q, names[1].c_str(), spec.num_q_heads, spec.head_dim, "q_heads"));
+  KVC_IO_RETURN_IF_ERROR(
+      detail::check_array(k, names[2].c_str(), spec.num_kv_heads, spec.head_dim, "kv_heads"));
+  KVC_IO_RETURN_IF_ERROR(
+      detail::check_array(v, names[3].c_str(), spec.num_kv_heads, spec.head_dim, "kv_heads"));
+  std::int64_t const tokens = q.shape[0];
+  std::string const prefix = names[1].substr(0, names[1].size() - 5);  // "<dir>/" of "<dir>/q.npy"
+  if (k.shape[0] != tokens || v.shape[0] != tokens) {
+    return IoStatus::error(prefix + "{q,k,v}.npy: token counts differ: q has " +
+                           std::to_string(tokens) + ", k " + std::to_string(k.shape[0]) + ", v " +
+                           std::to_string(v.shape[0]));
+  }
+  if (tokens < 1) return IoStatus::error(names[1] + ": the trace has no tokens (T = 0)");
+  if (tokens > kTraceMaxTokens)
+    return IoStatus::error(names[1] + ": too many tokens (" + std::to_string(tokens) + ")");
+  if (trace.config.prompt_tokens > tokens) {
+    return IoStatus::error(
+        names[0] + ": key \"prompt_tokens\": " + std::to_string(trace.config.prompt_tokens) +
+        " exceeds the trace's " + std::to_string(tokens) + " tokens");
+  }
+  trace.num_tokens = static_cast<int>(tokens);
+  KVC_IO_RETURN_IF_ERROR(detail::check_values(q.data, q.shape, names[1].c_str(), spec.dtype, check,
+                                              trace.rounded_values));
+  KVC_IO_RETURN_IF_ERROR(detail::check_values(k.data, k.shape, names[2].c_str(), spec.dtype, check,
+                                              trace.rounded_values));
+  KVC_IO_RETURN_IF_ERROR(detail::check_values(v.data, v.shape, names[3].c_str(), spec.dtype, check,
+                                              trace.rounded_values));
+  trace.q = std::move(q.data);
+  trace.k = std::move(k.data);
+  trace.v = std::move(v.data);
+  out = std::move(trace);
+  return IoStatus::success();
+}
+
 //! Reads the trace directory `dir` (config.json, q.npy, k.npy, v.npy) and validates all of it:
-//! the config, shapes [T, Hq, D] / [T, Hkv, D] with one T >= 1, prompt_tokens <= T, and the
-//! values (see ValueCheck). Every error message names the file. `out` is set only on success.
+//! the config, then each file, then assemble_trace's checks. Every error message names the file.
+//! `out` is set only on success.
 inline IoStatus read_trace(std::string const& dir, Trace& out,
                            ValueCheck check = ValueCheck::kReject) {
   std::string const base = dir.empty() || dir.back() == '/' ? dir : dir + "/";
   std::error_code error;
   if (!std::filesystem::is_directory(dir, error)) return IoStatus::error(dir + ": not a directory");
 
-  Trace trace;
+  std::string const names[4] = {base + "config.json", base + "q.npy", base + "k.npy",
+                                base + "v.npy"};
   JsonValue json;
-  std::string const config_path = base + "config.json";
-  KVC_IO_RETURN_IF_ERROR(read_json_file(config_path, json));
-  KVC_IO_RETURN_IF_ERROR(parse_trace_config(json, trace.config).with_context(config_path));
-  reference::LayerSpec const& spec = trace.config.spec;
-
+  TraceConfig config;
+  KVC_IO_RETURN_IF_ERROR(read_json_file(names[0], json));
+  KVC_IO_RETURN_IF_ERROR(parse_trace_config(json, config).with_context(names[0]));
   NpyArray<float> q, k, v;
-  KVC_IO_RETURN_IF_ERROR(read_npy(base + "q.npy", q));
-  KVC_IO_RETURN_IF_ERROR(read_npy(base + "k.npy", k));
-  KVC_IO_RETURN_IF_ERROR(read_npy(base + "v.npy", v));
-  KVC_IO_RETURN_IF_ERROR(
-      detail::check_array(q, (base + "q.npy").c_str(), spec.num_q_heads, spec.head_dim, "q_heads"));
-  KVC_IO_RETURN_IF_ERROR(detail::check_array(k, (base + "k.npy").c_str(), spec.num_kv_heads,
-                                             spec.head_dim, "kv_heads"));
-  KVC_IO_RETURN_IF_ERROR(detail::check_array(v, (base + "v.npy").c_str(), spec.num_kv_heads,
-                                             spec.head_dim, "kv_heads"));
-  std::int64_t const tokens = q.shape[0];
-  if (k.shape[0] != tokens || v.shape[0] != tokens) {
-    return IoStatus::error(base + "{q,k,v}.npy: token counts differ: q has " +
-                           std::to_string(tokens) + ", k " + std::to_string(k.shape[0]) + ", v " +
-                           std::to_string(v.shape[0]));
-  }
-  if (tokens < 1) return IoStatus::error(base + "q.npy: the trace has no tokens (T = 0)");
-  if (tokens > kTraceMaxTokens)
-    return IoStatus::error(base + "q.npy: too many tokens (" + std::to_string(tokens) + ")");
-  if (trace.config.prompt_tokens > tokens) {
-    return IoStatus::error(
-        config_path + ": key \"prompt_tokens\": " + std::to_string(trace.config.prompt_tokens) +
-        " exceeds the trace's " + std::to_string(tokens) + " tokens");
-  }
-  trace.num_tokens = static_cast<int>(tokens);
-  KVC_IO_RETURN_IF_ERROR(detail::check_values(q.data, q.shape, (base + "q.npy").c_str(), spec.dtype,
-                                              check, trace.rounded_values));
-  KVC_IO_RETURN_IF_ERROR(detail::check_values(k.data, k.shape, (base + "k.npy").c_str(), spec.dtype,
-                                              check, trace.rounded_values));
-  KVC_IO_RETURN_IF_ERROR(detail::check_values(v.data, v.shape, (base + "v.npy").c_str(), spec.dtype,
-                                              check, trace.rounded_values));
-  trace.q = std::move(q.data);
-  trace.k = std::move(k.data);
-  trace.v = std::move(v.data);
-  out = std::move(trace);
-  return IoStatus::success();
+  KVC_IO_RETURN_IF_ERROR(read_npy(names[1], q));
+  KVC_IO_RETURN_IF_ERROR(read_npy(names[2], k));
+  KVC_IO_RETURN_IF_ERROR(read_npy(names[3], v));
+  return assemble_trace(config, std::move(q), std::move(k), std::move(v), names, out, check);
 }
 
 }  // namespace kvc::io

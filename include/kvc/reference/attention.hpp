@@ -23,8 +23,9 @@ struct AttentionProbabilities {
 };
 
 //! Attention of `num_queries` queries over the slots in `heads` (one HeadCache per KV head).
-//! q: [num_queries, num_q_heads, head_dim], already RoPE'd. A query that sees no slot gets a zero
-//! output and an LSE of -infinity.
+//! q: [num_queries, num_q_heads, head_dim], already RoPE'd. A query that sees no slot (or only
+//! slots with -inf logits) gets a zero output and an LSE of -infinity; a NaN logit makes the
+//! query head's output, LSE and probabilities NaN.
 inline Status attention(LayerSpec const& spec, int num_queries, ConstSpan q,
                         std::vector<HeadCache> const& heads, Visibility const& visible,
                         AttentionOutput& output, AttentionProbabilities* probabilities = nullptr) {
@@ -58,6 +59,7 @@ inline Status attention(LayerSpec const& spec, int num_queries, ConstSpan q,
 
       logits.assign(head.size(), -std::numeric_limits<double>::infinity());
       double max_logit = -std::numeric_limits<double>::infinity();
+      bool nan_logit = false;
       for (int s = 0; s < head.size(); ++s) {
         if (visible && !visible(t, kv_head, s)) continue;
         double dot = 0.0;
@@ -65,9 +67,13 @@ inline Status attention(LayerSpec const& spec, int num_queries, ConstSpan q,
         for (int i = 0; i < d; ++i) dot += static_cast<double>(query[i]) * key[i];
         logits[s] = dot * scale;
         if (logits[s] > max_logit) max_logit = logits[s];
+        if (logits[s] != logits[s]) nan_logit = true;
       }
       if (probabilities != nullptr) probs.rows[row].assign(head.size(), 0.0f);
-      if (max_logit == -std::numeric_limits<double>::infinity()) continue;  // nothing visible
+      // Nothing visible (or only -inf logits): zero output, LSE -inf. A NaN logit (NaN in q or
+      // in a visible key) is not "nothing visible": it propagates to the output, LSE and
+      // probabilities of this query head.
+      if (max_logit == -std::numeric_limits<double>::infinity() && !nan_logit) continue;
 
       double denominator = 0.0;
       for (double logit : logits) denominator += std::exp(logit - max_logit);
