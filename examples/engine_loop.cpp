@@ -37,6 +37,8 @@
 #include "kvc/policy/kind.hpp"
 #include "kvc/reference/layer_cache.hpp"
 
+#include "example_support.hpp"
+
 #if KVC_EXAMPLE_CUDA
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -702,19 +704,6 @@ class GpuEngine : public Engine {
 
 #endif  // KVC_EXAMPLE_CUDA
 
-bool cuda_device_present() {
-#if KVC_EXAMPLE_CUDA
-  int count = 0;
-  if (cudaGetDeviceCount(&count) != cudaSuccess) {
-    cudaGetLastError();
-    return false;
-  }
-  return count > 0;
-#else
-  return false;
-#endif
-}
-
 struct RunResult {
   int finished = 0;      // sequences that generated all their tokens and left
   int generated = 0;     // decode tokens
@@ -779,12 +768,8 @@ bool run(Engine& engine, Options const& o, RunResult& result) {
 int main(int argc, char** argv) {
   Options o;
   if (int const parsed = parse(argc, argv, o)) return parsed == 2 ? 0 : 1;
-  bool const have_gpu = cuda_device_present();
-  if (o.device == "gpu" && !have_gpu) {
-    std::fprintf(stderr, "--device gpu: no CUDA device (or a build without CUDA)\n");
-    return 1;
-  }
-  bool const use_gpu = have_gpu && o.device != "cpu";
+  bool use_gpu = false;
+  if (!kvc::example::choose_device(o.device, use_gpu)) return 1;
   char const* device = use_gpu ? "gpu" : "cpu";
 
   Model const model = make_model(o.layers, o.seed);

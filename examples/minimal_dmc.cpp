@@ -20,6 +20,8 @@
 #include "kvc/policy/kind.hpp"
 #include "kvc/reference/layer_cache.hpp"
 
+#include "example_support.hpp"
+
 #if KVC_EXAMPLE_CUDA
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -35,19 +37,6 @@ constexpr int kHeadDim = 128;
 constexpr kvc::DType kDType = kvc::DType::kBF16;
 //! Probability that a token merges, per KV head (target CR 1 / (1 - p): about 2 and 4).
 constexpr double kMergeProbability[kKvHeads] = {0.5, 0.75};
-
-bool cuda_device_present() {
-#if KVC_EXAMPLE_CUDA
-  int count = 0;
-  if (cudaGetDeviceCount(&count) != cudaSuccess) {
-    cudaGetLastError();
-    return false;
-  }
-  return count > 0;
-#else
-  return false;
-#endif
-}
 
 }  // namespace
 
@@ -70,12 +59,8 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "bad --steps or --device\n");
     return 1;
   }
-  bool const have_gpu = cuda_device_present();
-  if (std::strcmp(device, "gpu") == 0 && !have_gpu) {
-    std::fprintf(stderr, "--device gpu: no CUDA device (or a build without CUDA)\n");
-    return 1;
-  }
-  bool const use_gpu = have_gpu && std::strcmp(device, "cpu") != 0;
+  bool use_gpu = false;
+  if (!kvc::example::choose_device(device, use_gpu)) return 1;
 
   // The CPU reference: always run (it is the CPU path, and the check of the GPU path).
   kvc::reference::LayerSpec spec;

@@ -34,6 +34,8 @@
 #include "kvc/reference/layer_cache.hpp"
 #include "kvc/reference/types.hpp"
 
+#include "example_support.hpp"
+
 #if KVC_EXAMPLE_CUDA
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -309,20 +311,6 @@ double mean_slots(LayerCache const& cache) {
   return static_cast<double>(cache.total_slots()) / static_cast<double>(cache.heads().size());
 }
 
-//! True when the GPU path can run: a CUDA build and a CUDA device.
-bool cuda_device_present() {
-#if KVC_EXAMPLE_CUDA
-  int count = 0;
-  if (cudaGetDeviceCount(&count) != cudaSuccess) {
-    cudaGetLastError();
-    return false;
-  }
-  return count > 0;
-#else
-  return false;
-#endif
-}
-
 //! One policy's GPU run, compared with the CPU reference.
 struct GpuResult {
   std::string attention;   // which decode attention ran
@@ -451,12 +439,8 @@ int main(int argc, char** argv) {
       "model: %d query heads, %d KV heads (G = %d), head dim %d, %s, rotate-half RoPE; seed %llu\n",
       kQHeads, kKvHeads, kQHeads / kKvHeads, kHeadDim, kvc::dtype_name(kDType),
       static_cast<unsigned long long>(options.seed));
-  bool const have_gpu = cuda_device_present();
-  if (options.device == "gpu" && !have_gpu) {
-    std::fprintf(stderr, "--device gpu: no CUDA device (or a build without CUDA)\n");
-    return 1;
-  }
-  bool const use_gpu = have_gpu && options.device != "cpu";
+  bool use_gpu = false;
+  if (!kvc::example::choose_device(options.device, use_gpu)) return 1;
   std::printf("GPU: %s\n\n", use_gpu ? "paged store + decode attention, checked against the "
                                        "CPU reference (second table)"
                                      : "not used (CPU reference)");

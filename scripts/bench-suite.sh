@@ -38,17 +38,9 @@ while (($# > 0)); do
   esac
   shift
 done
-out=${OUT:-./out}
-mkdir -p "${out}"
-out=$(cd "${out}" && pwd)
-if ! command -v nvcc >/dev/null 2>&1 && [[ -x /usr/local/cuda/bin/nvcc ]]; then
-  export PATH="/usr/local/cuda/bin:${PATH}"
-fi
-prefix_args=()
-if [[ -d .devdeps ]]; then  # doctest / Google Benchmark packed by scripts/pack-device-deps.sh
-  prefix_args=("-DCMAKE_PREFIX_PATH=${PWD}/.devdeps")
-  export LD_LIBRARY_PATH="${PWD}/.devdeps/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:${LD_LIBRARY_PATH}}"
-fi
+# shellcheck source=scripts/lib/common.sh
+source scripts/lib/common.sh
+kvc_prepare_env  # out (absolute $OUT), PATH, prefix_args / LD_LIBRARY_PATH for .devdeps
 
 names=()
 results=()

@@ -42,19 +42,9 @@ while (($# > 0)); do
   shift
 done
 
-out=${OUT:-./out}
-mkdir -p "${out}"
-out=$(cd "${out}" && pwd)
-if ! command -v nvcc >/dev/null 2>&1 && [[ -x /usr/local/cuda/bin/nvcc ]]; then
-  export PATH="/usr/local/cuda/bin:${PATH}"
-fi
-# doctest and Google Benchmark packed by scripts/pack-device-deps.sh (the lent GPU machine has
-# neither): carry .devdeps and they are found here.
-prefix_args=()
-if [[ -d .devdeps ]]; then
-  prefix_args=("-DCMAKE_PREFIX_PATH=${PWD}/.devdeps")
-  export LD_LIBRARY_PATH="${PWD}/.devdeps/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:${LD_LIBRARY_PATH}}"
-fi
+# shellcheck source=scripts/lib/common.sh
+source scripts/lib/common.sh
+kvc_prepare_env  # out (absolute $OUT), PATH, prefix_args / LD_LIBRARY_PATH for .devdeps (carried)
 
 names=()
 results=()
@@ -92,7 +82,7 @@ skip_phase() {  # skip_phase NAME REASON
 fail_if_gpu_skipped() {
   local last=$((${#names[@]} - 1))
   if grep -q "kvc: no CUDA device: skipped" "${out}/${names[$last]}.log"; then
-    results[$last]="FAIL (GPU tests skipped: no usable device)"
+    results[last]="FAIL (GPU tests skipped: no usable device)"
     failed=1
   fi
 }

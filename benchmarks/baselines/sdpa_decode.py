@@ -14,14 +14,13 @@ Prints JSON: {"device": ..., "torch": ..., "results": [{"shape", "backend", "us"
 "bytes"} or {"shape", "backend", "error"}]}.
 """
 
-import argparse
-import json
-import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from _sdpa_common import median_seconds, run
 
 HEAD_DIM = 128
 SHAPES = [
@@ -33,7 +32,7 @@ SHAPES = [
 BACKENDS = [("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)]
 
 
-def measure(name, hq, hkv, batch, length, backend, calls, repeats):
+def measure(hq, hkv, batch, length, backend, calls, repeats):
     device = torch.device("cuda")
     dtype = torch.bfloat16
     kv_bytes = 2 * batch * hkv * length * HEAD_DIM * 2
@@ -54,58 +53,12 @@ def measure(name, hq, hkv, batch, length, backend, calls, repeats):
 
     with sdpa_kernel([backend]):
         call(0)  # refuses here when the backend cannot serve the shape
-        torch.cuda.synchronize()
-        for i in range(calls):  # warm-up
-            call(i)
-        start = torch.cuda.Event(enable_timing=True)
-        stop = torch.cuda.Event(enable_timing=True)
-        samples = []
-        for _ in range(repeats):
-            start.record()
-            for i in range(calls):
-                call(i)
-            stop.record()
-            stop.synchronize()
-            samples.append(start.elapsed_time(stop) * 1e-3 / calls)
-    seconds = statistics.median(samples)
-    del caches
-    torch.cuda.empty_cache()
+        seconds = median_seconds(call, calls, repeats)
     return {"us": seconds * 1e6, "GBps": bytes_moved / seconds * 1e-9, "bytes": bytes_moved}
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calls", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--out", help="also write the JSON to this file")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print(json.dumps({"error": "no CUDA device"}))
-        return 0
-    results = []
-    for name, hq, hkv, batch, length in SHAPES:
-        for backend_name, backend in BACKENDS:
-            entry = {"shape": name, "backend": backend_name}
-            try:
-                entry.update(measure(name, hq, hkv, batch, length, backend, args.calls, args.repeats))
-            except RuntimeError as error:  # backend refused the shape
-                entry["error"] = str(error).splitlines()[0][:200]
-                torch.cuda.empty_cache()
-            results.append(entry)
-            print(json.dumps(entry), file=sys.stderr)
-    report = {
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "head_dim": HEAD_DIM,
-        "dtype": "bf16",
-        "results": results,
-    }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as handle:
-            handle.write(text + "\n")
-    return 0
+    return run(__doc__, SHAPES, BACKENDS, measure, calls=20, repeats=15, head_dim=HEAD_DIM)
 
 
 if __name__ == "__main__":

@@ -15,14 +15,13 @@ Prints JSON: {"device": ..., "torch": ..., "results": [{"shape", "backend", "us"
 "gqa"} or {"shape", "backend", "error"}]}.
 """
 
-import argparse
-import json
-import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from _sdpa_common import median_seconds, run
 
 HEAD_DIM = 128
 SHAPES = [
@@ -72,56 +71,12 @@ def measure(hq, hkv, batch, tokens, backend, calls, repeats):
             call = call_expanded  # the backend refuses enable_gqa: same FLOPs on expanded K/V
             mode = "expanded"
             call()
-        torch.cuda.synchronize()
-        for _ in range(calls):  # warm-up
-            call()
-        start = torch.cuda.Event(enable_timing=True)
-        stop = torch.cuda.Event(enable_timing=True)
-        samples = []
-        for _ in range(repeats):
-            start.record()
-            for _ in range(calls):
-                call()
-            stop.record()
-            stop.synchronize()
-            samples.append(start.elapsed_time(stop) * 1e-3 / calls)
-    seconds = statistics.median(samples)
+        seconds = median_seconds(lambda _: call(), calls, repeats)
     return {"us": seconds * 1e6, "TFLOPs": causal_flops(hq, batch, tokens) / seconds * 1e-12, "gqa": mode}
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calls", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--out", help="also write the JSON to this file")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print(json.dumps({"error": "no CUDA device"}))
-        return 0
-    results = []
-    for name, hq, hkv, batch, tokens in SHAPES:
-        for backend_name, backend in BACKENDS:
-            entry = {"shape": name, "backend": backend_name}
-            try:
-                entry.update(measure(hq, hkv, batch, tokens, backend, args.calls, args.repeats))
-            except RuntimeError as error:  # backend refused the shape
-                entry["error"] = str(error).splitlines()[0][:200]
-            torch.cuda.empty_cache()
-            results.append(entry)
-            print(json.dumps(entry), file=sys.stderr)
-    report = {
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "head_dim": HEAD_DIM,
-        "dtype": "bf16",
-        "results": results,
-    }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as handle:
-            handle.write(text + "\n")
-    return 0
+    return run(__doc__, SHAPES, BACKENDS, measure, calls=10, repeats=10, head_dim=HEAD_DIM)
 
 
 if __name__ == "__main__":

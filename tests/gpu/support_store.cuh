@@ -1,8 +1,8 @@
 //! @file
-//! Helpers of the paged-store GPU tests: the device check every case starts with, RAII device
-//! buffers, dtype conversions, a host snapshot of the whole store gathered through the page
-//! tables, page-accounting checks, and a generic random continuous-batching run that drives the
-//! store (prepare, update, oracle attention, evict) and the CPU reference of a policy side by
+//! Helpers of the paged-store GPU tests (the device check is in cuda_test_support.cuh): RAII
+//! device buffers, dtype conversions, a host snapshot of the whole store gathered through the
+//! page tables, page-accounting checks, and a generic random continuous-batching run that drives
+//! the store (prepare, update, oracle attention, evict) and the CPU reference of a policy side by
 //! side and compares everything after every step.
 #pragma once
 
@@ -25,44 +25,10 @@
 #include "kvc/reference/dmc_state.hpp"
 #include "kvc/reference/types.hpp"
 
+#include "cuda_test_support.cuh"
 #include "test_support.hpp"
 
 namespace kvc::test {
-
-//! True when a CUDA device is usable. cudaGetDeviceCount fails (insufficient driver) on machines
-//! without a GPU; that counts as "no device".
-inline bool cuda_device_present() {
-  int count = 0;
-  cudaError_t const error = cudaGetDeviceCount(&count);
-  if (error != cudaSuccess) {
-    cudaGetLastError();
-    return false;
-  }
-  return count > 0;
-}
-
-//! First statement of every GPU case: without a device, print the skip line ctest looks for.
-#define KVC_REQUIRE_CUDA_DEVICE()                    \
-  do {                                               \
-    if (!::kvc::test::cuda_device_present()) {       \
-      std::printf("kvc: no CUDA device: skipped\n"); \
-      return;                                        \
-    }                                                \
-  } while (0)
-
-#define KVC_CUDA_REQUIRE(expr)                                             \
-  do {                                                                     \
-    cudaError_t const kvc_cuda_error_ = (expr);                            \
-    REQUIRE_MESSAGE(kvc_cuda_error_ == cudaSuccess,                        \
-                    #expr << ": " << cudaGetErrorString(kvc_cuda_error_)); \
-  } while (0)
-
-#define KVC_STATUS_REQUIRE(expr)                                           \
-  do {                                                                     \
-    ::kvc::Status const kvc_status_value_ = (expr);                        \
-    REQUIRE_MESSAGE(kvc_status_value_ == ::kvc::Status::kSuccess,          \
-                    #expr << ": " << ::kvc::to_string(kvc_status_value_)); \
-  } while (0)
 
 //! A device array of `count` elements, freed on destruction.
 template <class T>
@@ -122,6 +88,27 @@ class Stream {
 
  private:
   cudaStream_t stream_ = nullptr;
+};
+
+//! A store on its own (poisoned) buffer and stream.
+struct StoreFixture {
+  PagedStoreConfig config;
+  Stream stream;
+  DeviceBuffer<unsigned char> memory;
+  PagedStore store;
+
+  explicit StoreFixture(PagedStoreConfig const& c) : config(c) {
+    std::size_t bytes = 0;
+    REQUIRE(PagedStore::required_bytes(config, bytes) == Status::kSuccess);
+    memory.resize(bytes);
+    memory.poison(stream.get());
+    KVC_STATUS_REQUIRE(store.init(config, memory.data(), bytes, stream.get()));
+  }
+  StoreStats stats() {
+    StoreStats out;
+    KVC_STATUS_REQUIRE(store.stats_sync(out, stream.get()));
+    return out;
+  }
 };
 
 template <class T>
@@ -276,15 +263,17 @@ void check_page_accounting(StoreSnapshot<T> const& snap) {
 }
 
 //! Compares a gathered head with the reference's: length, positions exactly; keys and values
-//! with the dtype's tolerance; scores (when the reference keeps them) tightly.
+//! with the dtype's tolerance; scores (when the reference keeps them) within `score_tolerance`
+//! (tight by default).
 inline void compare_head(reference::HeadCache const& got, reference::HeadCache const& want,
-                         DType dtype, std::string const& what) {
+                         DType dtype, std::string const& what,
+                         Tolerance score_tolerance = {1e-6, 1e-5}) {
   REQUIRE_MESSAGE(got.size() == want.size(),
                   what << ": length " << got.size() << " vs " << want.size());
   REQUIRE_MESSAGE(got.position == want.position, what << ": positions differ");
   require_close(got.k, want.k, default_tolerance(dtype), what + " keys");
   require_close(got.v, want.v, default_tolerance(dtype), what + " values");
-  if (!want.score.empty()) require_close(got.score, want.score, {1e-6, 1e-5}, what + " scores");
+  if (!want.score.empty()) require_close(got.score, want.score, score_tolerance, what + " scores");
 }
 
 //! Layer spec of the reference for a store config.

@@ -73,21 +73,13 @@ PagedStoreConfig prefill_config(PrefillCase const& c, DType dtype) {
 //! tolerance that covers the attention's fp32 column sums).
 void compare_prefill_head(reference::HeadCache const& got, reference::HeadCache const& want,
                           DType dtype, std::string const& what) {
-  REQUIRE_MESSAGE(got.size() == want.size(),
-                  what << ": length " << got.size() << " vs " << want.size());
-  REQUIRE_MESSAGE(got.position == want.position, what << ": positions differ");
-  test::require_close(got.k, want.k, default_tolerance(dtype), what + " keys");
-  test::require_close(got.v, want.v, default_tolerance(dtype), what + " values");
-  if (!want.score.empty())
-    test::require_close(got.score, want.score, {1e-5, 1e-4}, what + " scores");
+  test::compare_head(got, want, dtype, what, {1e-5, 1e-4});
 }
 
-//! The whole reference state of (layer, slot) against the store.
+//! Tokens seen and every KV head of (layer, slot) against the reference's LayerCache.
 template <class T>
-void compare_layer(test::StoreSnapshot<T> const& snap, int layer, int slot,
-                   reference::LayerCache const& cache, std::string const& what) {
-  std::string const where =
-      what + " layer " + std::to_string(layer) + " slot " + std::to_string(slot);
+void compare_cached_heads(test::StoreSnapshot<T> const& snap, int layer, int slot,
+                          reference::LayerCache const& cache, std::string const& where) {
   REQUIRE_MESSAGE(snap.tokens_seen[static_cast<std::size_t>(snap.dims.layer_seq(layer, slot))] ==
                       cache.tokens_seen(),
                   where << ": tokens seen");
@@ -97,10 +89,32 @@ void compare_layer(test::StoreSnapshot<T> const& snap, int layer, int slot,
     compare_prefill_head(snap.head(layer, slot, h), want, snap.config.dtype,
                          where + " kv head " + std::to_string(h));
   }
+}
+
+//! The whole reference state of (layer, slot) against the store.
+template <class T>
+void compare_layer(test::StoreSnapshot<T> const& snap, int layer, int slot,
+                   reference::LayerCache const& cache, std::string const& what) {
+  std::string const where =
+      what + " layer " + std::to_string(layer) + " slot " + std::to_string(slot);
+  compare_cached_heads(snap, layer, slot, cache, where);
   if (auto const* dmc = std::get_if<reference::DmcLayerState>(&cache.state())) {
     test::compare_dmc_state(snap, layer, slot, dmc->dmc, {1e-6, 1e-6}, where);
   }
   test::check_exact_pages(snap, layer, slot, where);
+}
+
+//! The store after a step that must have succeeded: the step report says so, and every page is
+//! accounted for.
+template <class T>
+test::StoreSnapshot<T> snapshot_after_success(PagedStore const& store, cudaStream_t stream) {
+  StepReport report;
+  KVC_STATUS_REQUIRE(store.copy_step_report_async(&report, nullptr, 0, stream));
+  KVC_CUDA_REQUIRE(cudaStreamSynchronize(stream));
+  REQUIRE(step_status(report) == Status::kSuccess);
+  test::StoreSnapshot<T> snap = test::take_snapshot<T>(store, stream);
+  test::check_page_accounting(snap);
+  return snap;
 }
 
 //! Sets every decision neuron well clear of the threshold: merge with `probability`.
@@ -139,13 +153,9 @@ bool run_prefill_case(PrefillCase const& c, std::mt19937_64& rng) {
   std::size_t const q_row = static_cast<std::size_t>(hq) * d;
   std::size_t const kv_row = static_cast<std::size_t>(hkv) * d;
 
-  test::Stream stream;
-  std::size_t bytes = 0;
-  REQUIRE(PagedStore::required_bytes(config, bytes) == Status::kSuccess);
-  test::DeviceBuffer<unsigned char> memory(bytes);
-  memory.poison(stream.get());
-  PagedStore store;
-  KVC_STATUS_REQUIRE(store.init(config, memory.data(), bytes, stream.get()));
+  test::StoreFixture fixture(config);
+  test::Stream const& stream = fixture.stream;
+  PagedStore& store = fixture.store;
   std::vector<int> slots(static_cast<std::size_t>(seqs));
   std::vector<std::vector<reference::LayerCache>> ref(static_cast<std::size_t>(seqs));
   // DMC token by token (dmc_prefill_sequential), the definition the parallel prefill reproduces.
@@ -177,6 +187,20 @@ bool run_prefill_case(PrefillCase const& c, std::mt19937_64& rng) {
   test::DeviceBuffer<T> q_dev(rows * q_row), k_dev(rows * kv_row), v_dev(rows * kv_row),
       out_dev(rows * q_row);
   test::DeviceBuffer<float> lse_dev(rows * hq);
+  // Random inputs of `count` rows (DMC: decisions clear of the threshold), uploaded to the device.
+  auto draw_inputs = [&](std::size_t count) {
+    Inputs in;
+    in.q = test::random_normal(rng, count * q_row, dtype, 1.5f);
+    in.k = test::random_normal(rng, count * kv_row, dtype, 1.5f);
+    in.v = test::random_normal(rng, count * kv_row, dtype);
+    if (config.has_dmc_state()) {
+      shape_decisions(rng, spec, config.policy.dmc, c.merge_probability, in.k);
+    }
+    q_dev.upload(test::to_storage<T>(in.q), stream.get());
+    k_dev.upload(test::to_storage<T>(in.k), stream.get());
+    v_dev.upload(test::to_storage<T>(in.v), stream.get());
+    return in;
+  };
   test::DeviceBuffer<std::int32_t> slots_dev(static_cast<std::size_t>(seqs)),
       cu_dev(static_cast<std::size_t>(seqs) + 1);
   PrefillBatch sizing{slots_dev.data(), cu_dev.data(), seqs, static_cast<int>(rows), max_chunk};
@@ -204,16 +228,7 @@ bool run_prefill_case(PrefillCase const& c, std::mt19937_64& rng) {
                               max_chunk};
     KVC_STATUS_REQUIRE(prepare_prefill(store, chunks, stream.get()));
     for (int l = 0; l < layers; ++l) {
-      Inputs in;
-      in.q = test::random_normal(rng, rows * q_row, dtype, 1.5f);
-      in.k = test::random_normal(rng, rows * kv_row, dtype, 1.5f);
-      in.v = test::random_normal(rng, rows * kv_row, dtype);
-      if (config.has_dmc_state()) {
-        shape_decisions(rng, spec, config.policy.dmc, c.merge_probability, in.k);
-      }
-      q_dev.upload(test::to_storage<T>(in.q), stream.get());
-      k_dev.upload(test::to_storage<T>(in.k), stream.get());
-      v_dev.upload(test::to_storage<T>(in.v), stream.get());
+      Inputs const in = draw_inputs(rows);
       out_dev.poison(stream.get());
       lse_dev.poison(stream.get());
       workspace.poison(stream.get());
@@ -258,12 +273,7 @@ bool run_prefill_case(PrefillCase const& c, std::mt19937_64& rng) {
         }
       }
     }
-    StepReport report;
-    KVC_STATUS_REQUIRE(store.copy_step_report_async(&report, nullptr, 0, stream.get()));
-    KVC_CUDA_REQUIRE(cudaStreamSynchronize(stream.get()));
-    REQUIRE(step_status(report) == Status::kSuccess);
-    test::StoreSnapshot<T> const snap = test::take_snapshot<T>(store, stream.get());
-    test::check_page_accounting(snap);
+    test::StoreSnapshot<T> const snap = snapshot_after_success<T>(store, stream.get());
     for (int s = 0; s < seqs; ++s) {
       for (int l = 0; l < layers; ++l) {
         compare_layer(snap, l, slots[static_cast<std::size_t>(s)],
@@ -291,16 +301,7 @@ bool run_prefill_case(PrefillCase const& c, std::mt19937_64& rng) {
     INFO("decode step " << step);
     KVC_STATUS_REQUIRE(store.prepare_decode_step(slots_dev.data(), seqs, stream.get()));
     for (int l = 0; l < layers; ++l) {
-      Inputs in;
-      in.q = test::random_normal(rng, seqs * q_row, dtype, 1.5f);
-      in.k = test::random_normal(rng, seqs * kv_row, dtype, 1.5f);
-      in.v = test::random_normal(rng, seqs * kv_row, dtype);
-      if (config.has_dmc_state()) {
-        shape_decisions(rng, spec, config.policy.dmc, c.merge_probability, in.k);
-      }
-      q_dev.upload(test::to_storage<T>(in.q), stream.get());
-      k_dev.upload(test::to_storage<T>(in.k), stream.get());
-      v_dev.upload(test::to_storage<T>(in.v), stream.get());
+      Inputs const in = draw_inputs(static_cast<std::size_t>(seqs));
       KVC_STATUS_REQUIRE(store.update<T>(l, q_dev.data(), k_dev.data(), v_dev.data(),
                                          slots_dev.data(), seqs, q_out.data(), stream.get()));
       ReferenceDecodeParams<T> attention;
@@ -329,25 +330,12 @@ bool run_prefill_case(PrefillCase const& c, std::mt19937_64& rng) {
             default_tolerance(dtype), "decode layer " + std::to_string(l) + " out");
       }
     }
-    StepReport report;
-    KVC_STATUS_REQUIRE(store.copy_step_report_async(&report, nullptr, 0, stream.get()));
-    KVC_CUDA_REQUIRE(cudaStreamSynchronize(stream.get()));
-    REQUIRE(step_status(report) == Status::kSuccess);
-    test::StoreSnapshot<T> const snap = test::take_snapshot<T>(store, stream.get());
-    test::check_page_accounting(snap);
+    test::StoreSnapshot<T> const snap = snapshot_after_success<T>(store, stream.get());
     for (int s = 0; s < seqs; ++s) {
       for (int l = 0; l < layers; ++l) {
-        reference::LayerCache const& cache =
-            ref[static_cast<std::size_t>(s)][static_cast<std::size_t>(l)];
-        std::string const what = "decode layer " + std::to_string(l);
-        REQUIRE(snap.tokens_seen[static_cast<std::size_t>(snap.dims.layer_seq(
-                    l, slots[static_cast<std::size_t>(s)]))] == cache.tokens_seen());
-        for (int h = 0; h < hkv; ++h) {
-          reference::HeadCache want = cache.heads()[static_cast<std::size_t>(h)];
-          if (cache.kind() == PolicyKind::kTova && h > 0) want.score.clear();
-          compare_prefill_head(snap.head(l, slots[static_cast<std::size_t>(s)], h), want, dtype,
-                               what);
-        }
+        compare_cached_heads(snap, l, slots[static_cast<std::size_t>(s)],
+                             ref[static_cast<std::size_t>(s)][static_cast<std::size_t>(l)],
+                             "decode layer " + std::to_string(l));
       }
     }
   }
@@ -534,13 +522,9 @@ TEST_SUITE("gpu") {
       config.num_pages = 12;  // far below what the batch needs
       INFO("policy " << policy_name(kind));
       reference::LayerSpec const spec = test::layer_spec(config);
-      test::Stream stream;
-      std::size_t bytes = 0;
-      REQUIRE(PagedStore::required_bytes(config, bytes) == Status::kSuccess);
-      test::DeviceBuffer<unsigned char> memory(bytes);
-      memory.poison(stream.get());
-      PagedStore store;
-      KVC_STATUS_REQUIRE(store.init(config, memory.data(), bytes, stream.get()));
+      test::StoreFixture fixture(config);
+      test::Stream const& stream = fixture.stream;
+      PagedStore& store = fixture.store;
       std::vector<std::int32_t> slots(3);
       for (std::int32_t& slot : slots) {
         int s = 0;
@@ -616,11 +600,7 @@ TEST_SUITE("gpu") {
         reference::AttentionOutput want;
         KVC_STATUS_REQUIRE(cache.prefill(input, want));
         test::require_close(got, want.out, default_tolerance(config.dtype), "retry out");
-        KVC_STATUS_REQUIRE(store.copy_step_report_async(&report, nullptr, 0, stream.get()));
-        KVC_CUDA_REQUIRE(cudaStreamSynchronize(stream.get()));
-        REQUIRE(step_status(report) == Status::kSuccess);
-        test::StoreSnapshot<T> const after = test::take_snapshot<T>(store, stream.get());
-        test::check_page_accounting(after);
+        test::StoreSnapshot<T> const after = snapshot_after_success<T>(store, stream.get());
         compare_layer(after, l, slots[0], cache, "retry");
       }
     }

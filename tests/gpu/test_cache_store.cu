@@ -28,26 +28,7 @@ PagedStoreConfig small_config(PolicyKind kind = PolicyKind::kFull) {
   return config;
 }
 
-//! A store on its own buffer and stream.
-struct Fixture {
-  PagedStoreConfig config;
-  test::Stream stream;
-  test::DeviceBuffer<unsigned char> memory;
-  PagedStore store;
-
-  explicit Fixture(PagedStoreConfig const& c) : config(c) {
-    std::size_t bytes = 0;
-    REQUIRE(PagedStore::required_bytes(config, bytes) == Status::kSuccess);
-    memory.resize(bytes);
-    memory.poison(stream.get());
-    KVC_STATUS_REQUIRE(store.init(config, memory.data(), bytes, stream.get()));
-  }
-  StoreStats stats() {
-    StoreStats out;
-    KVC_STATUS_REQUIRE(store.stats_sync(out, stream.get()));
-    return out;
-  }
-};
+using Fixture = test::StoreFixture;
 
 }  // namespace
 

@@ -25,6 +25,7 @@
 #endif
 #include "kvc/reference/attention.hpp"
 
+#include "gpu_attention_checks.cuh"
 #include "test_support.hpp"
 
 namespace {
@@ -32,101 +33,11 @@ namespace {
 using kvc::DType;
 using kvc::Status;
 
-bool decode_device_present() {
-  int count = 0;
-  if (cudaGetDeviceCount(&count) != cudaSuccess) {
-    cudaGetLastError();
-    return false;
-  }
-  return count > 0;
-}
-
-#define KVC_DECODE_REQUIRE_DEVICE()                  \
-  do {                                               \
-    if (!decode_device_present()) {                  \
-      std::printf("kvc: no CUDA device: skipped\n"); \
-      return;                                        \
-    }                                                \
-  } while (0)
-
-#define KVC_DECODE_CUDA(expr)                                            \
-  do {                                                                   \
-    cudaError_t const decode_error_ = (expr);                            \
-    REQUIRE_MESSAGE(decode_error_ == cudaSuccess,                        \
-                    #expr << ": " << cudaGetErrorString(decode_error_)); \
-  } while (0)
-
-//! Raw device bytes, freed on destruction.
-class DeviceBytes {
- public:
-  DeviceBytes() = default;
-  explicit DeviceBytes(std::size_t bytes) { allocate(bytes); }
-  DeviceBytes(DeviceBytes const&) = delete;
-  DeviceBytes& operator=(DeviceBytes const&) = delete;
-  ~DeviceBytes() { release(); }
-  void allocate(std::size_t bytes) {
-    release();
-    bytes_ = bytes;
-    if (bytes > 0) KVC_DECODE_CUDA(cudaMalloc(&data_, bytes));
-  }
-  void release() {
-    if (data_ != nullptr) cudaFree(data_);
-    data_ = nullptr;
-  }
-  template <class U = void>
-  U* get() const {
-    return static_cast<U*>(data_);
-  }
-  std::size_t bytes() const { return bytes_; }
-  void upload(void const* host, std::size_t bytes) {
-    REQUIRE(bytes <= bytes_);
-    if (bytes > 0) KVC_DECODE_CUDA(cudaMemcpy(data_, host, bytes, cudaMemcpyHostToDevice));
-  }
-  void download(void* host, std::size_t bytes) const {
-    REQUIRE(bytes <= bytes_);
-    if (bytes > 0) KVC_DECODE_CUDA(cudaMemcpy(host, data_, bytes, cudaMemcpyDeviceToHost));
-  }
-  //! All bytes 0xff: NaN in fp32, fp16 and bf16, -1 in int32.
-  void poison() {
-    if (bytes_ > 0) KVC_DECODE_CUDA(cudaMemset(data_, 0xff, bytes_));
-  }
-
- private:
-  void* data_ = nullptr;
-  std::size_t bytes_ = 0;
-};
-
-//! Host floats (already representable in `dtype`) as the device's element bytes.
-std::vector<unsigned char> encode(std::vector<float> const& values, DType dtype) {
-  std::size_t const size = static_cast<std::size_t>(kvc::dtype_size(dtype));
-  std::vector<unsigned char> bytes(values.size() * size);
-  for (std::size_t i = 0; i < values.size(); ++i) {
-    if (dtype == DType::kF32) {
-      std::memcpy(bytes.data() + i * 4, &values[i], 4);
-    } else {
-      std::uint16_t const bits = dtype == DType::kF16 ? kvc::float_to_half_bits(values[i])
-                                                      : kvc::float_to_bf16_bits(values[i]);
-      std::memcpy(bytes.data() + i * 2, &bits, 2);
-    }
-  }
-  return bytes;
-}
-
-std::vector<float> decode(std::vector<unsigned char> const& bytes, DType dtype) {
-  std::size_t const size = static_cast<std::size_t>(kvc::dtype_size(dtype));
-  std::vector<float> values(bytes.size() / size);
-  for (std::size_t i = 0; i < values.size(); ++i) {
-    if (dtype == DType::kF32) {
-      std::memcpy(&values[i], bytes.data() + i * 4, 4);
-    } else {
-      std::uint16_t bits;
-      std::memcpy(&bits, bytes.data() + i * 2, 2);
-      values[i] =
-          dtype == DType::kF16 ? kvc::half_bits_to_float(bits) : kvc::bf16_bits_to_float(bits);
-    }
-  }
-  return values;
-}
+using kvc::test::compiled_dtypes;
+using kvc::test::compiled_groups;
+using kvc::test::compiled_head_dims;
+using kvc::test::DeviceBytes;
+using kvc::test::StreamGuard;
 
 //! One decode call's inputs on the host.
 struct DecodeCase {
@@ -174,29 +85,24 @@ struct PagedLayer {
     std::vector<int> pages_of(c.lengths.size());
     for (std::size_t i = 0; i < c.lengths.size(); ++i) {
       pages_of[i] = (c.lengths[i] + c.page_size - 1) / c.page_size + extra_pages_per_head;
-      num_pages += pages_of[i];
-    }
-    num_pages += 3;  // pages nobody owns
-    std::size_t const pool = static_cast<std::size_t>(num_pages) * c.page_size * d;
-    k_pool = kvc::test::random_normal(rng, pool, c.dtype);
-    v_pool = kvc::test::random_normal(rng, pool, c.dtype);
-    std::vector<int> permutation(num_pages);
-    std::iota(permutation.begin(), permutation.end(), 0);
-    std::shuffle(permutation.begin(), permutation.end(), rng);
-    page_table.assign(static_cast<std::size_t>(c.max_seqs) * hkv * max_pages, -1);
-    int next = 0;
-    for (std::size_t i = 0; i < c.lengths.size(); ++i) {
-      for (int j = 0; j < pages_of[i]; ++j) page_table[i * max_pages + j] = permutation[next++];
       capacity.push_back(pages_of[i] * c.page_size);
     }
+    kvc::test::ScatteredPages pages =
+        kvc::test::scatter_pages(rng, pages_of, static_cast<std::size_t>(c.max_seqs) * hkv,
+                                 max_pages, c.page_size, d, c.dtype);
+    num_pages = pages.num_pages;
+    k_pool = std::move(pages.k_pool);
+    v_pool = std::move(pages.v_pool);
+    page_table = std::move(pages.page_table);
+    std::size_t const pool = static_cast<std::size_t>(num_pages) * c.page_size * d;
     q = kvc::test::random_normal(rng, static_cast<std::size_t>(c.batch) * c.num_q_heads() * d,
                                  c.dtype, c.q_stddev);
     probs_stride = max_pages * c.page_size + 3;
 
     d_k.allocate(pool * kvc::dtype_size(c.dtype));
     d_v.allocate(pool * kvc::dtype_size(c.dtype));
-    auto const k_bytes = encode(k_pool, c.dtype);
-    auto const v_bytes = encode(v_pool, c.dtype);
+    auto const k_bytes = kvc::test::encode_elements(k_pool, c.dtype);
+    auto const v_bytes = kvc::test::encode_elements(v_pool, c.dtype);
     d_k.upload(k_bytes.data(), k_bytes.size());
     d_v.upload(v_bytes.data(), v_bytes.size());
     d_table.allocate(page_table.size() * sizeof(int));
@@ -205,7 +111,7 @@ struct PagedLayer {
     upload_lengths(c.lengths);
     d_slots.allocate(std::max<std::size_t>(1, c.seq_slots.size()) * sizeof(int));
     d_slots.upload(c.seq_slots.data(), c.seq_slots.size() * sizeof(int));
-    auto const q_bytes = encode(q, c.dtype);
+    auto const q_bytes = kvc::test::encode_elements(q, c.dtype);
     d_q.allocate(std::max<std::size_t>(16, q_bytes.size()));
     d_q.upload(q_bytes.data(), q_bytes.size());
     std::size_t const rows = static_cast<std::size_t>(c.batch) * c.num_q_heads();
@@ -259,17 +165,10 @@ struct PagedLayer {
   //! The slots of (seq, kv head) gathered through the page table.
   kvc::reference::HeadCache gather(int seq, int kv_head) const {
     kvc::reference::HeadCache head;
-    int const length = length_of(seq, kv_head);
-    int const d = c.head_dim;
-    for (int s = 0; s < length; ++s) {
-      int const page =
-          page_table[(static_cast<std::size_t>(seq) * c.num_kv_heads + kv_head) * max_pages +
-                     s / c.page_size];
-      std::size_t const row = (static_cast<std::size_t>(page) * c.page_size + s % c.page_size) * d;
-      head.k.insert(head.k.end(), k_pool.begin() + row, k_pool.begin() + row + d);
-      head.v.insert(head.v.end(), v_pool.begin() + row, v_pool.begin() + row + d);
-      head.position.push_back(s);
-    }
+    kvc::test::append_paged_slots(
+        head, k_pool, v_pool, page_table,
+        (static_cast<std::size_t>(seq) * c.num_kv_heads + kv_head) * max_pages, c.page_size,
+        c.head_dim, length_of(seq, kv_head));
     return head;
   }
 };
@@ -364,7 +263,7 @@ void check_against(PagedLayer const& layer, Expected const& expected, std::strin
   std::size_t const rows = static_cast<std::size_t>(c.batch) * hq;
   std::vector<unsigned char> out_bytes(rows * c.head_dim * kvc::dtype_size(c.dtype));
   layer.d_out.download(out_bytes.data(), out_bytes.size());
-  kvc::test::require_close(decode(out_bytes, c.dtype), expected.out,
+  kvc::test::require_close(kvc::test::decode_elements(out_bytes, c.dtype), expected.out,
                            kvc::default_tolerance(c.dtype), what + " out");
 
   std::vector<float> lse(rows);
@@ -399,19 +298,8 @@ void check_against(PagedLayer const& layer, Expected const& expected, std::strin
 
 //! Sizes the workspace, poisons every output and the workspace, runs the precompiled entry point.
 void run_precompiled(PagedLayer& layer, cudaStream_t stream) {
-  kvc::DecodeParams params = layer.params();
-  std::size_t bytes = 0;
-  REQUIRE(kvc::decode_attention_workspace_size(params, bytes) == Status::kSuccess);
-  if (layer.d_workspace.bytes() < bytes) layer.d_workspace.allocate(bytes);
-  layer.d_workspace.poison();
-  layer.d_out.poison();
-  layer.d_lse.poison();
-  layer.d_probs.poison();
-  params = layer.params();
-  Status const status = kvc::decode_attention(params, stream);
-  REQUIRE_MESSAGE(status == Status::kSuccess, kvc::to_string(status));
-  KVC_DECODE_CUDA(cudaStreamSynchronize(stream));
-  KVC_DECODE_CUDA(cudaGetLastError());
+  kvc::test::run_poisoned(layer, kvc::decode_attention_workspace_size, kvc::decode_attention,
+                          stream);
 }
 
 //! A case of the given shape, batch and sequence slots; seq_slots, lengths and the rest are the
@@ -470,40 +358,12 @@ std::vector<int> shuffled_slots(std::mt19937_64& rng, int batch, int max_seqs) {
   return slots;
 }
 
-std::vector<DType> compiled_dtypes() {
-#if KVC_CI_MINIMAL
-  return {DType::kBF16};
-#else
-  return {DType::kF16, DType::kBF16, DType::kF32};
-#endif
-}
-std::vector<int> compiled_head_dims() {
-#if KVC_CI_MINIMAL
-  return {128};
-#else
-  return {64, 128, 256};
-#endif
-}
-std::vector<int> compiled_groups() {
-#if KVC_CI_MINIMAL
-  return {4};
-#else
-  return {1, 2, 4, 8};
-#endif
-}
-
-struct StreamGuard {
-  cudaStream_t stream = nullptr;
-  StreamGuard() { KVC_DECODE_CUDA(cudaStreamCreate(&stream)); }
-  ~StreamGuard() { cudaStreamDestroy(stream); }
-};
-
 }  // namespace
 
 TEST_SUITE("gpu") {
   TEST_CASE(
       "decode attention: every dtype, head dim, group size and page size, ragged, with scores") {
-    KVC_DECODE_REQUIRE_DEVICE();
+    KVC_REQUIRE_CUDA_DEVICE();
     std::mt19937_64 rng(kvc::test::test_seed());
     INFO("seed " << kvc::test::test_seed());
     StreamGuard guard;
@@ -525,7 +385,7 @@ TEST_SUITE("gpu") {
   }
 
   TEST_CASE("decode attention: long heads (64k slots), one-slot heads, page size 1") {
-    KVC_DECODE_REQUIRE_DEVICE();
+    KVC_REQUIRE_CUDA_DEVICE();
     std::mt19937_64 rng(kvc::test::test_seed() + 1);
     INFO("seed " << kvc::test::test_seed());
     StreamGuard guard;
@@ -552,7 +412,7 @@ TEST_SUITE("gpu") {
   }
 
   TEST_CASE("decode attention: DMC-like ragged mixes (ratios 1..16 per head), MHA and GQA") {
-    KVC_DECODE_REQUIRE_DEVICE();
+    KVC_REQUIRE_CUDA_DEVICE();
     std::mt19937_64 rng(kvc::test::test_seed() + 2);
     INFO("seed " << kvc::test::test_seed());
     StreamGuard guard;
@@ -576,7 +436,7 @@ TEST_SUITE("gpu") {
   }
 
   TEST_CASE("decode attention: zero-length heads and inactive rows give out = 0, lse = -inf") {
-    KVC_DECODE_REQUIRE_DEVICE();
+    KVC_REQUIRE_CUDA_DEVICE();
     std::mt19937_64 rng(kvc::test::test_seed() + 3);
     INFO("seed " << kvc::test::test_seed());
     StreamGuard guard;
@@ -600,7 +460,7 @@ TEST_SUITE("gpu") {
   }
 
   TEST_CASE("decode attention: many short heads per CTA (one-slot and up to 100 slots)") {
-    KVC_DECODE_REQUIRE_DEVICE();
+    KVC_REQUIRE_CUDA_DEVICE();
     std::mt19937_64 rng(kvc::test::test_seed() + 4);
     INFO("seed " << kvc::test::test_seed());
     StreamGuard guard;
@@ -620,7 +480,7 @@ TEST_SUITE("gpu") {
   }
 
   TEST_CASE("decode attention: without LSE and score buffers") {
-    KVC_DECODE_REQUIRE_DEVICE();
+    KVC_REQUIRE_CUDA_DEVICE();
     std::mt19937_64 rng(kvc::test::test_seed() + 9);
     INFO("seed " << kvc::test::test_seed());
     StreamGuard guard;
@@ -637,16 +497,16 @@ TEST_SUITE("gpu") {
     params = layer.params();
     params.lse = nullptr;
     REQUIRE(kvc::decode_attention(params, guard.stream) == Status::kSuccess);
-    KVC_DECODE_CUDA(cudaStreamSynchronize(guard.stream));
+    KVC_CUDA_REQUIRE(cudaStreamSynchronize(guard.stream));
     Expected const expected = reference_of(layer);
     std::vector<unsigned char> out_bytes(expected.out.size() * kvc::dtype_size(c.dtype));
     layer.d_out.download(out_bytes.data(), out_bytes.size());
-    kvc::test::require_close(decode(out_bytes, c.dtype), expected.out,
+    kvc::test::require_close(kvc::test::decode_elements(out_bytes, c.dtype), expected.out,
                              kvc::default_tolerance(c.dtype), "no lse");
   }
 
   TEST_CASE("decode attention: results are deterministic and the workspace is reusable") {
-    KVC_DECODE_REQUIRE_DEVICE();
+    KVC_REQUIRE_CUDA_DEVICE();
     std::mt19937_64 rng(kvc::test::test_seed() + 5);
     INFO("seed " << kvc::test::test_seed());
     StreamGuard guard;
@@ -663,14 +523,14 @@ TEST_SUITE("gpu") {
     kvc::DecodeParams const params = layer.params();
     REQUIRE(kvc::decode_attention(params, guard.stream) ==
             Status::kSuccess);  // same workspace, not poisoned
-    KVC_DECODE_CUDA(cudaStreamSynchronize(guard.stream));
+    KVC_CUDA_REQUIRE(cudaStreamSynchronize(guard.stream));
     layer.d_out.download(second.data(), out_size);
     CHECK(first == second);
     check_against(layer, reference_of(layer), "second run");
   }
 
   TEST_CASE("decode attention: CUDA graph replay follows lengths changed on the device") {
-    KVC_DECODE_REQUIRE_DEVICE();
+    KVC_REQUIRE_CUDA_DEVICE();
     std::mt19937_64 rng(kvc::test::test_seed() + 6);
     INFO("seed " << kvc::test::test_seed());
     StreamGuard guard;
@@ -686,11 +546,11 @@ TEST_SUITE("gpu") {
 
     cudaGraph_t graph = nullptr;
     cudaGraphExec_t exec = nullptr;
-    KVC_DECODE_CUDA(cudaStreamBeginCapture(guard.stream, cudaStreamCaptureModeThreadLocal));
+    KVC_CUDA_REQUIRE(cudaStreamBeginCapture(guard.stream, cudaStreamCaptureModeThreadLocal));
     Status const captured = kvc::decode_attention(params, guard.stream);
-    KVC_DECODE_CUDA(cudaStreamEndCapture(guard.stream, &graph));
+    KVC_CUDA_REQUIRE(cudaStreamEndCapture(guard.stream, &graph));
     REQUIRE(captured == Status::kSuccess);
-    KVC_DECODE_CUDA(cudaGraphInstantiate(&exec, graph, 0));
+    KVC_CUDA_REQUIRE(cudaGraphInstantiate(&exec, graph, 0));
     for (int replay = 0; replay < 2; ++replay) {
       if (replay == 1) {
         // Grow and shrink heads within their pages, as an engine's update kernel would.
@@ -703,8 +563,8 @@ TEST_SUITE("gpu") {
       layer.d_out.poison();
       layer.d_lse.poison();
       layer.d_probs.poison();
-      KVC_DECODE_CUDA(cudaGraphLaunch(exec, guard.stream));
-      KVC_DECODE_CUDA(cudaStreamSynchronize(guard.stream));
+      KVC_CUDA_REQUIRE(cudaGraphLaunch(exec, guard.stream));
+      KVC_CUDA_REQUIRE(cudaStreamSynchronize(guard.stream));
       check_against(layer, reference_of(layer), "graph replay " + std::to_string(replay));
     }
     cudaGraphExecDestroy(exec);
@@ -713,7 +573,7 @@ TEST_SUITE("gpu") {
 
 #if !KVC_CI_MINIMAL
   TEST_CASE("decode attention: a logits-transform variant (soft cap), header-only instantiation") {
-    KVC_DECODE_REQUIRE_DEVICE();
+    KVC_REQUIRE_CUDA_DEVICE();
     std::mt19937_64 rng(kvc::test::test_seed() + 7);
     INFO("seed " << kvc::test::test_seed());
     StreamGuard guard;
@@ -734,7 +594,7 @@ TEST_SUITE("gpu") {
     layer.d_probs.poison();
     params = layer.params();
     REQUIRE(Instance::run(params, guard.stream) == Status::kSuccess);
-    KVC_DECODE_CUDA(cudaStreamSynchronize(guard.stream));
+    KVC_CUDA_REQUIRE(cudaStreamSynchronize(guard.stream));
     check_against(layer, reference_of(layer), "soft cap");
 
     params.logits_soft_cap = 0.0f;
@@ -743,7 +603,7 @@ TEST_SUITE("gpu") {
 #endif
 
   TEST_CASE("decode attention: unsupported combinations and invalid calls return a Status") {
-    KVC_DECODE_REQUIRE_DEVICE();
+    KVC_REQUIRE_CUDA_DEVICE();
     std::mt19937_64 rng(kvc::test::test_seed() + 8);
     StreamGuard guard;
     DecodeCase c = shaped_case(DType::kBF16, 128, 4, 2, 16, 2, 2);
@@ -810,6 +670,6 @@ TEST_SUITE("gpu") {
     params = valid;
     params.batch = 0;
     expect(params, Status::kSuccess, "empty batch");
-    KVC_DECODE_CUDA(cudaStreamSynchronize(guard.stream));
+    KVC_CUDA_REQUIRE(cudaStreamSynchronize(guard.stream));
   }
 }

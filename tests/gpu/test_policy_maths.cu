@@ -27,6 +27,7 @@
 #include "kvc/policy/h2o.hpp"
 #include "kvc/policy/tova.hpp"
 
+#include "cuda_test_support.cuh"
 #include "test_support.hpp"
 
 namespace {
@@ -34,37 +35,14 @@ namespace {
 using kvc::DmcConfig;
 
 // ---------------------------------------------------------------------------------------------
-// Device plumbing: a device check, error checks, RAII arrays.
-
-bool maths_device_present() {
-  int count = 0;
-  if (cudaGetDeviceCount(&count) != cudaSuccess) {
-    cudaGetLastError();  // clear the sticky "no driver" error
-    return false;
-  }
-  return count > 0;
-}
-
-#define KVC_MATHS_REQUIRE_DEVICE()                   \
-  do {                                               \
-    if (!maths_device_present()) {                   \
-      std::printf("kvc: no CUDA device: skipped\n"); \
-      return;                                        \
-    }                                                \
-  } while (0)
-
-#define KVC_MATHS_CUDA(expr)                                            \
-  do {                                                                  \
-    cudaError_t const maths_error_ = (expr);                            \
-    REQUIRE_MESSAGE(maths_error_ == cudaSuccess,                        \
-                    #expr << ": " << cudaGetErrorString(maths_error_)); \
-  } while (0)
+// Device plumbing (the device check and KVC_CUDA_REQUIRE: cuda_test_support.cuh): a launch
+// check, RAII arrays.
 
 //! Launch check: the launch itself and the kernel's completion.
-#define KVC_MATHS_SYNC()                     \
-  do {                                       \
-    KVC_MATHS_CUDA(cudaGetLastError());      \
-    KVC_MATHS_CUDA(cudaDeviceSynchronize()); \
+#define KVC_MATHS_SYNC()                       \
+  do {                                         \
+    KVC_CUDA_REQUIRE(cudaGetLastError());      \
+    KVC_CUDA_REQUIRE(cudaDeviceSynchronize()); \
   } while (0)
 
 //! A device copy of a host vector (or `count` uninitialised elements), freed on destruction.
@@ -72,11 +50,12 @@ template <class T>
 class DeviceArray {
  public:
   explicit DeviceArray(std::size_t count) : count_(count) {
-    KVC_MATHS_CUDA(
+    KVC_CUDA_REQUIRE(
         cudaMalloc(reinterpret_cast<void**>(&data_), std::max<std::size_t>(count, 1) * sizeof(T)));
   }
   explicit DeviceArray(std::vector<T> const& host) : DeviceArray(host.size()) {
-    KVC_MATHS_CUDA(cudaMemcpy(data_, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice));
+    KVC_CUDA_REQUIRE(
+        cudaMemcpy(data_, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice));
   }
   DeviceArray(DeviceArray const&) = delete;
   DeviceArray& operator=(DeviceArray const&) = delete;
@@ -85,7 +64,7 @@ class DeviceArray {
   T* data() const { return data_; }
   std::vector<T> to_host() const {
     std::vector<T> host(count_);
-    KVC_MATHS_CUDA(cudaMemcpy(host.data(), data_, count_ * sizeof(T), cudaMemcpyDeviceToHost));
+    KVC_CUDA_REQUIRE(cudaMemcpy(host.data(), data_, count_ * sizeof(T), cudaMemcpyDeviceToHost));
     return host;
   }
 
@@ -299,7 +278,7 @@ __global__ void dtype_kernel(float const* x, int count, std::uint16_t* half_bits
 
 TEST_SUITE("gpu") {
   TEST_CASE("policy maths: mul_rn, add_rn, sub_rn, div_rn are bit-exact on the device") {
-    KVC_MATHS_REQUIRE_DEVICE();
+    KVC_REQUIRE_CUDA_DEVICE();
     std::mt19937_64 rng(kvc::test::test_seed());
     INFO("seed " << kvc::test::test_seed());
     std::size_t const n = 1 << 16;
@@ -331,7 +310,7 @@ TEST_SUITE("gpu") {
   }
 
   TEST_CASE("policy maths: sigmoid and DMC omega within 1 ulp on the device") {
-    KVC_MATHS_REQUIRE_DEVICE();
+    KVC_REQUIRE_CUDA_DEVICE();
     std::mt19937_64 rng(kvc::test::test_seed());
     INFO("seed " << kvc::test::test_seed());
     std::size_t const n = 1 << 15;
@@ -357,7 +336,7 @@ TEST_SUITE("gpu") {
   }
 
   TEST_CASE("policy maths: group logit and H2O/TOVA score reductions are bit-exact on the device") {
-    KVC_MATHS_REQUIRE_DEVICE();
+    KVC_REQUIRE_CUDA_DEVICE();
     std::mt19937_64 rng(kvc::test::test_seed());
     INFO("seed " << kvc::test::test_seed());
     int const count = 4096;
@@ -395,7 +374,7 @@ TEST_SUITE("gpu") {
   }
 
   TEST_CASE("policy maths: the DMC merge/accumulate recurrence is bit-exact on the device") {
-    KVC_MATHS_REQUIRE_DEVICE();
+    KVC_REQUIRE_CUDA_DEVICE();
     std::mt19937_64 rng(kvc::test::test_seed());
     INFO("seed " << kvc::test::test_seed());
     int const tokens = 200;
@@ -456,7 +435,7 @@ TEST_SUITE("gpu") {
   }
 
   TEST_CASE("policy maths: evicts_before and the victim searches are identical on the device") {
-    KVC_MATHS_REQUIRE_DEVICE();
+    KVC_REQUIRE_CUDA_DEVICE();
     std::mt19937_64 rng(kvc::test::test_seed());
     INFO("seed " << kvc::test::test_seed());
     // Scores from a small set so that ties are common; NaN and -inf included.
@@ -536,7 +515,7 @@ TEST_SUITE("gpu") {
   }
 
   TEST_CASE("policy maths: RoPE within 1 ulp on the device") {
-    KVC_MATHS_REQUIRE_DEVICE();
+    KVC_REQUIRE_CUDA_DEVICE();
     std::mt19937_64 rng(kvc::test::test_seed());
     INFO("seed " << kvc::test::test_seed());
     std::vector<RopeCase> cases;
@@ -626,7 +605,7 @@ TEST_SUITE("gpu") {
   }
 
   TEST_CASE("policy maths: half and bf16 conversions match the portable host conversions") {
-    KVC_MATHS_REQUIRE_DEVICE();
+    KVC_REQUIRE_CUDA_DEVICE();
     std::mt19937_64 rng(kvc::test::test_seed());
     INFO("seed " << kvc::test::test_seed());
     // Finite values over the whole half range and beyond (overflow to inf, subnormals, zero).

@@ -27,6 +27,7 @@
 #endif
 #include "kvc/reference/attention.hpp"
 
+#include "gpu_attention_checks.cuh"
 #include "test_support.hpp"
 
 namespace {
@@ -35,98 +36,20 @@ using kvc::DType;
 using kvc::PrefillScoreMode;
 using kvc::Status;
 
-bool prefill_device_present() {
-  int count = 0;
-  if (cudaGetDeviceCount(&count) != cudaSuccess) {
-    cudaGetLastError();
-    return false;
-  }
-  return count > 0;
-}
+using kvc::test::compiled_dtypes;
+using kvc::test::compiled_groups;
+using kvc::test::compiled_head_dims;
+using kvc::test::StreamGuard;
 
-#define KVC_PREFILL_REQUIRE_DEVICE()                 \
-  do {                                               \
-    if (!prefill_device_present()) {                 \
-      std::printf("kvc: no CUDA device: skipped\n"); \
-      return;                                        \
-    }                                                \
-  } while (0)
-
-#define KVC_PREFILL_CUDA(expr)                                            \
-  do {                                                                    \
-    cudaError_t const prefill_error_ = (expr);                            \
-    REQUIRE_MESSAGE(prefill_error_ == cudaSuccess,                        \
-                    #expr << ": " << cudaGetErrorString(prefill_error_)); \
-  } while (0)
-
-//! Raw device bytes, freed on destruction.
-class Bytes {
+//! Raw device bytes of at least 16 (never a null pointer); an upload allocates its own.
+class Bytes : public kvc::test::DeviceBytes {
  public:
-  Bytes() = default;
-  Bytes(Bytes const&) = delete;
-  Bytes& operator=(Bytes const&) = delete;
-  ~Bytes() { release(); }
-  void allocate(std::size_t bytes) {
-    release();
-    bytes_ = std::max<std::size_t>(bytes, 16);
-    KVC_PREFILL_CUDA(cudaMalloc(&data_, bytes_));
-  }
-  void release() {
-    if (data_ != nullptr) cudaFree(data_);
-    data_ = nullptr;
-    bytes_ = 0;
-  }
-  template <class U = void>
-  U* get() const {
-    return static_cast<U*>(data_);
-  }
-  std::size_t bytes() const { return bytes_; }
+  void allocate(std::size_t bytes) { DeviceBytes::allocate(std::max<std::size_t>(bytes, 16)); }
   void upload(void const* host, std::size_t bytes) {
     allocate(bytes);
-    if (bytes > 0) KVC_PREFILL_CUDA(cudaMemcpy(data_, host, bytes, cudaMemcpyHostToDevice));
+    DeviceBytes::upload(host, bytes);
   }
-  void download(void* host, std::size_t bytes) const {
-    REQUIRE(bytes <= bytes_);
-    if (bytes > 0) KVC_PREFILL_CUDA(cudaMemcpy(host, data_, bytes, cudaMemcpyDeviceToHost));
-  }
-  //! All bytes 0xff: NaN in fp32, fp16 and bf16.
-  void poison() { KVC_PREFILL_CUDA(cudaMemset(data_, 0xff, bytes_)); }
-
- private:
-  void* data_ = nullptr;
-  std::size_t bytes_ = 0;
 };
-
-std::vector<unsigned char> encode(std::vector<float> const& values, DType dtype) {
-  std::size_t const size = static_cast<std::size_t>(kvc::dtype_size(dtype));
-  std::vector<unsigned char> bytes(values.size() * size);
-  for (std::size_t i = 0; i < values.size(); ++i) {
-    if (dtype == DType::kF32) {
-      std::memcpy(bytes.data() + i * 4, &values[i], 4);
-    } else {
-      std::uint16_t const bits = dtype == DType::kF16 ? kvc::float_to_half_bits(values[i])
-                                                      : kvc::float_to_bf16_bits(values[i]);
-      std::memcpy(bytes.data() + i * 2, &bits, 2);
-    }
-  }
-  return bytes;
-}
-
-std::vector<float> decode(std::vector<unsigned char> const& bytes, DType dtype) {
-  std::size_t const size = static_cast<std::size_t>(kvc::dtype_size(dtype));
-  std::vector<float> values(bytes.size() / size);
-  for (std::size_t i = 0; i < values.size(); ++i) {
-    if (dtype == DType::kF32) {
-      std::memcpy(&values[i], bytes.data() + i * 4, 4);
-    } else {
-      std::uint16_t bits;
-      std::memcpy(&bits, bytes.data() + i * 2, 2);
-      values[i] =
-          dtype == DType::kF16 ? kvc::half_bits_to_float(bits) : kvc::bf16_bits_to_float(bits);
-    }
-  }
-  return values;
-}
 
 //! One prefill call's shape on the host.
 struct PrefillCase {
@@ -186,20 +109,14 @@ struct PrefillLayer {
     int longest = 1;
     for (int length : view_lengths) longest = std::max(longest, length);
     max_pages = (longest + c.page_size - 1) / c.page_size;
-    int num_pages = 3;  // pages nobody owns
-    for (int length : view_lengths) num_pages += (length + c.page_size - 1) / c.page_size;
-    std::size_t const pool = static_cast<std::size_t>(num_pages) * c.page_size * d;
-    k_pool = kvc::test::random_normal(rng, pool, c.dtype);
-    v_pool = kvc::test::random_normal(rng, pool, c.dtype);
-    std::vector<int> permutation(num_pages);
-    std::iota(permutation.begin(), permutation.end(), 0);
-    std::shuffle(permutation.begin(), permutation.end(), rng);
-    page_table.assign(static_cast<std::size_t>(c.max_seqs) * hkv * max_pages, -1);
-    int next = 0;
-    for (std::size_t i = 0; i < view_lengths.size(); ++i) {
-      for (int j = 0; j < (view_lengths[i] + c.page_size - 1) / c.page_size; ++j)
-        page_table[i * max_pages + j] = permutation[next++];
-    }
+    std::vector<int> pages_of;
+    for (int length : view_lengths) pages_of.push_back((length + c.page_size - 1) / c.page_size);
+    kvc::test::ScatteredPages pages =
+        kvc::test::scatter_pages(rng, pages_of, static_cast<std::size_t>(c.max_seqs) * hkv,
+                                 max_pages, c.page_size, d, c.dtype);
+    k_pool = std::move(pages.k_pool);
+    v_pool = std::move(pages.v_pool);
+    page_table = std::move(pages.page_table);
     cu.assign(1, 0);
     for (int n : c.chunk) cu.push_back(cu.back() + n);
     std::size_t const tokens = static_cast<std::size_t>(cu.back());
@@ -214,7 +131,7 @@ struct PrefillLayer {
     stride = std::max(1, longest + *std::max_element(c.chunk.begin(), c.chunk.end()) + 5);
 
     auto upload = [&](Bytes& target, std::vector<float> const& values) {
-      auto const bytes = encode(values, c.dtype);
+      auto const bytes = kvc::test::encode_elements(values, c.dtype);
       target.upload(bytes.data(), bytes.size());
     };
     upload(d_k_pool, k_pool);
@@ -274,14 +191,9 @@ struct PrefillLayer {
     int const d = c.head_dim;
     int const seq = c.seq_slots[b];
     int const prefix = seq < 0 ? 0 : c.prefix[b * c.num_kv_heads + h];
-    for (int s = 0; s < prefix; ++s) {
-      int const page = page_table[(static_cast<std::size_t>(seq) * c.num_kv_heads + h) * max_pages +
-                                  s / c.page_size];
-      std::size_t const row = (static_cast<std::size_t>(page) * c.page_size + s % c.page_size) * d;
-      head.k.insert(head.k.end(), k_pool.begin() + row, k_pool.begin() + row + d);
-      head.v.insert(head.v.end(), v_pool.begin() + row, v_pool.begin() + row + d);
-      head.position.push_back(s);
-    }
+    kvc::test::append_paged_slots(head, k_pool, v_pool, page_table,
+                                  (static_cast<std::size_t>(seq) * c.num_kv_heads + h) * max_pages,
+                                  c.page_size, d, prefix);
     for (int j = 0; j < c.chunk[b]; ++j) {
       std::size_t const row = (static_cast<std::size_t>(cu[b] + j) * c.num_kv_heads + h) * d;
       head.k.insert(head.k.end(), k.begin() + row, k.begin() + row + d);
@@ -297,19 +209,8 @@ struct PrefillLayer {
 
 //! Sizes the workspace, poisons outputs and workspace, runs the precompiled entry point.
 void run_prefill(PrefillLayer& layer, cudaStream_t stream) {
-  kvc::PrefillParams params = layer.params();
-  std::size_t bytes = 0;
-  REQUIRE(kvc::prefill_attention_workspace_size(params, bytes) == Status::kSuccess);
-  if (layer.d_workspace.bytes() < bytes) layer.d_workspace.allocate(bytes);
-  layer.d_workspace.poison();
-  layer.d_out.poison();
-  layer.d_lse.poison();
-  layer.d_probs.poison();
-  params = layer.params();
-  Status const status = kvc::prefill_attention(params, stream);
-  REQUIRE_MESSAGE(status == Status::kSuccess, kvc::to_string(status));
-  KVC_PREFILL_CUDA(cudaStreamSynchronize(stream));
-  KVC_PREFILL_CUDA(cudaGetLastError());
+  kvc::test::run_poisoned(layer, kvc::prefill_attention_workspace_size, kvc::prefill_attention,
+                          stream);
 }
 
 //! Checks out, lse and probs of `layer` against the CPU reference.
@@ -321,7 +222,7 @@ void check_prefill(PrefillLayer const& layer, std::mt19937_64& rng, std::string 
   std::size_t const tokens = static_cast<std::size_t>(layer.cu.back());
   std::vector<unsigned char> out_bytes(tokens * hq * d * kvc::dtype_size(c.dtype));
   layer.d_out.download(out_bytes.data(), out_bytes.size());
-  std::vector<float> const out = decode(out_bytes, c.dtype);
+  std::vector<float> const out = kvc::test::decode_elements(out_bytes, c.dtype);
   std::vector<float> lse(tokens * hq);
   layer.d_lse.download(lse.data(), lse.size() * sizeof(float));
   std::vector<float> probs;
@@ -423,28 +324,6 @@ void run_and_check(PrefillCase const& c, std::mt19937_64& rng, cudaStream_t stre
   check_prefill(layer, rng, c.name());
 }
 
-std::vector<DType> compiled_dtypes() {
-#if KVC_CI_MINIMAL
-  return {DType::kBF16};
-#else
-  return {DType::kF16, DType::kBF16, DType::kF32};
-#endif
-}
-std::vector<int> compiled_head_dims() {
-#if KVC_CI_MINIMAL
-  return {128};
-#else
-  return {64, 128, 256};
-#endif
-}
-std::vector<int> compiled_groups() {
-#if KVC_CI_MINIMAL
-  return {4};
-#else
-  return {1, 2, 4, 8};
-#endif
-}
-
 //! A case with `chunks` rows mapped to shuffled sequence slots and random prefixes in
 //! [0, max_prefix] per (row, KV head) (row 0 without a prefix).
 PrefillCase ragged_case(std::mt19937_64& rng, DType dtype, int head_dim, int group,
@@ -468,18 +347,12 @@ PrefillCase ragged_case(std::mt19937_64& rng, DType dtype, int head_dim, int gro
   return c;
 }
 
-struct StreamGuard {
-  cudaStream_t stream = nullptr;
-  StreamGuard() { KVC_PREFILL_CUDA(cudaStreamCreate(&stream)); }
-  ~StreamGuard() { cudaStreamDestroy(stream); }
-};
-
 }  // namespace
 
 TEST_SUITE("gpu") {
   TEST_CASE(
       "prefill attention: every dtype, head dim, group size and page size, ragged, mask, scores") {
-    KVC_PREFILL_REQUIRE_DEVICE();
+    KVC_REQUIRE_CUDA_DEVICE();
     std::mt19937_64 rng(kvc::test::test_seed());
     INFO("seed " << kvc::test::test_seed());
     StreamGuard guard;
@@ -510,7 +383,7 @@ TEST_SUITE("gpu") {
   }
 
   TEST_CASE("prefill attention: long chunks, long prefixes, split key ranges, inactive rows") {
-    KVC_PREFILL_REQUIRE_DEVICE();
+    KVC_REQUIRE_CUDA_DEVICE();
     std::mt19937_64 rng(kvc::test::test_seed() + 1);
     INFO("seed " << kvc::test::test_seed());
     StreamGuard guard;
@@ -550,7 +423,7 @@ TEST_SUITE("gpu") {
   }
 
   TEST_CASE("prefill attention: deterministic results and workspace reuse") {
-    KVC_PREFILL_REQUIRE_DEVICE();
+    KVC_REQUIRE_CUDA_DEVICE();
     std::mt19937_64 rng(kvc::test::test_seed() + 2);
     INFO("seed " << kvc::test::test_seed());
     StreamGuard guard;
@@ -576,7 +449,7 @@ TEST_SUITE("gpu") {
 #if !KVC_CI_MINIMAL
   TEST_CASE(
       "prefill attention: a logits-transform variant (soft cap) through the header-only path") {
-    KVC_PREFILL_REQUIRE_DEVICE();
+    KVC_REQUIRE_CUDA_DEVICE();
     std::mt19937_64 rng(kvc::test::test_seed() + 4);
     INFO("seed " << kvc::test::test_seed());
     StreamGuard guard;
@@ -601,7 +474,7 @@ TEST_SUITE("gpu") {
     bad.logits_soft_cap = 0.0f;  // the variant's own check
     CHECK(Instance::run(bad, guard.stream) == Status::kErrorInvalidArgument);
     REQUIRE(Instance::run(params, guard.stream) == Status::kSuccess);
-    KVC_PREFILL_CUDA(cudaStreamSynchronize(guard.stream));
+    KVC_CUDA_REQUIRE(cudaStreamSynchronize(guard.stream));
 
     // Soft-capped masked attention in double, written out here (the reference has no hook).
     int const d = c.head_dim;
@@ -609,7 +482,7 @@ TEST_SUITE("gpu") {
     std::size_t const tokens = static_cast<std::size_t>(layer.cu.back());
     std::vector<unsigned char> out_bytes(tokens * hq * d * 2);
     layer.d_out.download(out_bytes.data(), out_bytes.size());
-    std::vector<float> const out = decode(out_bytes, c.dtype);
+    std::vector<float> const out = kvc::test::decode_elements(out_bytes, c.dtype);
     std::vector<float> lse(tokens * hq);
     layer.d_lse.download(lse.data(), lse.size() * sizeof(float));
     std::vector<float> probs(static_cast<std::size_t>(c.batch()) * hq * layer.stride);
@@ -737,7 +610,7 @@ TEST_SUITE("gpu") {
     CHECK(with([](kvc::PrefillParams& x) { x.total_tokens = 0; }) == Status::kSuccess);
 
     // With a device: a workspace below the size query is refused and nothing is written.
-    if (!prefill_device_present()) {
+    if (!kvc::test::cuda_device_present()) {
       std::printf("kvc: no CUDA device: skipped\n");
       return;
     }
@@ -752,7 +625,7 @@ TEST_SUITE("gpu") {
     params = layer.params();
     params.workspace_bytes = bytes - 1;
     CHECK(kvc::prefill_attention(params, stream) == Status::kErrorSizeMismatch);
-    KVC_PREFILL_CUDA(cudaDeviceSynchronize());
+    KVC_CUDA_REQUIRE(cudaDeviceSynchronize());
     std::vector<unsigned char> out(layer.d_out.bytes());
     layer.d_out.download(out.data(), out.size());
     CHECK(std::all_of(out.begin(), out.end(), [](unsigned char byte) { return byte == 0xff; }));

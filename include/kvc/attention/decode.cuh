@@ -11,18 +11,18 @@
 //!      dependent launch so that its launch overlaps the plan kernel.
 #pragma once
 
-#include <cuda_runtime.h>
-
-#include <atomic>
 #include <climits>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
 
+#include <cuda_runtime.h>
+
 #include "kvc/attention/decode_api.cuh"
 #include "kvc/attention/decode_kernel.cuh"
 #include "kvc/attention/decode_plan.cuh"
 #include "kvc/attention/dispatch.hpp"
+#include "kvc/attention/launch.cuh"
 #include "kvc/attention/params.hpp"
 #include "kvc/attention/variant.hpp"
 #include "kvc/core/dtype_traits.hpp"
@@ -33,44 +33,14 @@ namespace kvc {
 
 namespace detail {
 
-//! Persistent grid of one kernel instantiation on the current device: SMs x resident CTAs.
-//! The first call per device raises the kernel's dynamic shared-memory limit and queries the
-//! occupancy; later calls read a cache (no driver call but cudaGetDevice).
+//! Persistent grid of one kernel instantiation on the current device: SMs x resident CTAs
+//! (persistent_grid_of, cached per device and instantiation).
 template <class Variant, class T, int kHeadDim, int kGroupSize>
 Status persistent_grid(int& grid) {
   using Traits = DecodeTraits<T, kHeadDim, kGroupSize>;
-  auto const kernel = decode_attention_kernel<Variant, T, kHeadDim, kGroupSize>;
-  constexpr int kCachedDevices = 64;
-  static std::atomic<int> cache[kCachedDevices] = {};  // one cache per instantiation
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) {
-    cudaGetLastError();
-    return Status::kErrorNoDevice;
-  }
-  if (device >= 0 && device < kCachedDevices) {
-    int const cached = cache[device].load(std::memory_order_relaxed);
-    if (cached > 0) {
-      grid = cached;
-      return Status::kSuccess;
-    }
-  }
-  int sms = 0;
-  int blocks = 0;
-  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes) != cudaSuccess ||
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, Traits::kThreads, Traits::kSmemBytes) !=
-          cudaSuccess) {
-    cudaGetLastError();
-    return Status::kErrorCuda;
-  }
-  if (sms <= 0 || blocks <= 0) return Status::kErrorNotSupported;
-  grid = sms * blocks;
-  if (device >= 0 && device < kCachedDevices) cache[device].store(grid, std::memory_order_relaxed);
-  return Status::kSuccess;
-}
-
-inline bool aligned16(void const* pointer) {
-  return (reinterpret_cast<std::uintptr_t>(pointer) & 15u) == 0;
+  return persistent_grid_of<DecodeAttention<Variant, T, kHeadDim, kGroupSize>>(
+      decode_attention_kernel<Variant, T, kHeadDim, kGroupSize>, Traits::kThreads,
+      Traits::kSmemBytes, grid);
 }
 
 //! Shape checks shared by the size query and the run: kSuccess when `params` describes a call
@@ -83,7 +53,8 @@ Status check_decode_shape(DecodeParams const& params) {
       params.num_q_heads % cache.num_kv_heads != 0) {
     return Status::kErrorInvalidShape;
   }
-  if (cache.head_dim != kHeadDim || params.group_size() != kGroupSize) return Status::kErrorNotSupported;
+  if (cache.head_dim != kHeadDim || params.group_size() != kGroupSize)
+    return Status::kErrorNotSupported;
   if (static_cast<long long>(params.batch) * params.num_q_heads * kHeadDim > (1ll << 40)) {
     return Status::kErrorInvalidShape;
   }
@@ -94,7 +65,7 @@ Status check_decode_shape(DecodeParams const& params) {
 
 template <class Variant, class T, int kHeadDim, int kGroupSize>
 Status DecodeAttention<Variant, T, kHeadDim, kGroupSize>::workspace_size(DecodeParams const& params,
-                                                                          std::size_t& bytes) {
+                                                                         std::size_t& bytes) {
   KVC_RETURN_IF_ERROR((detail::check_decode_shape<T, kHeadDim, kGroupSize>(params)));
   int grid = 0;
   KVC_RETURN_IF_ERROR((detail::persistent_grid<Variant, T, kHeadDim, kGroupSize>(grid)));
@@ -104,7 +75,8 @@ Status DecodeAttention<Variant, T, kHeadDim, kGroupSize>::workspace_size(DecodeP
 }
 
 template <class Variant, class T, int kHeadDim, int kGroupSize>
-Status DecodeAttention<Variant, T, kHeadDim, kGroupSize>::run(DecodeParams const& params, cudaStream_t stream) {
+Status DecodeAttention<Variant, T, kHeadDim, kGroupSize>::run(DecodeParams const& params,
+                                                              cudaStream_t stream) {
   using Traits = detail::DecodeTraits<T, kHeadDim, kGroupSize>;
   auto const kernel = detail::decode_attention_kernel<Variant, T, kHeadDim, kGroupSize>;
   PagedLayerView<void const> const& cache = params.cache;
@@ -113,24 +85,27 @@ Status DecodeAttention<Variant, T, kHeadDim, kGroupSize>::run(DecodeParams const
   KVC_RETURN_IF_ERROR((detail::check_decode_shape<T, kHeadDim, kGroupSize>(params)));
   KVC_RETURN_IF_ERROR(Variant::validate(params));
   if (!(params.scale >= 0.0f) || !std::isfinite(params.scale)) return Status::kErrorInvalidArgument;
-  if (params.scores.probs != nullptr && params.scores.stride <= 0) return Status::kErrorInvalidArgument;
+  if (params.scores.probs != nullptr && params.scores.stride <= 0)
+    return Status::kErrorInvalidArgument;
   if (params.batch == 0) return Status::kSuccess;
-  if (params.q == nullptr || params.out == nullptr || cache.k_pages == nullptr || cache.v_pages == nullptr ||
-      cache.page_table == nullptr || cache.lengths == nullptr || params.workspace == nullptr) {
+  if (params.q == nullptr || params.out == nullptr || cache.k_pages == nullptr ||
+      cache.v_pages == nullptr || cache.page_table == nullptr || cache.lengths == nullptr ||
+      params.workspace == nullptr) {
     return Status::kErrorInvalidArgument;
   }
   if (cache.page_size <= 0 || cache.max_pages_per_head <= 0 || cache.max_seqs <= 0 ||
       static_cast<long long>(cache.max_pages_per_head) * cache.page_size > INT_MAX) {
     return Status::kErrorInvalidArgument;
   }
-  if (!detail::aligned16(params.q) || !detail::aligned16(cache.k_pages) || !detail::aligned16(cache.v_pages) ||
-      !detail::aligned16(params.workspace)) {
+  if (!detail::aligned16(params.q) || !detail::aligned16(cache.k_pages) ||
+      !detail::aligned16(cache.v_pages) || !detail::aligned16(params.workspace)) {
     return Status::kErrorInvalidArgument;
   }
   int grid = 0;
   KVC_RETURN_IF_ERROR((detail::persistent_grid<Variant, T, kHeadDim, kGroupSize>(grid)));
   int const heads = params.batch * cache.num_kv_heads;
-  detail::DecodeWorkspaceLayout const layout = detail::DecodeWorkspaceLayout::make(heads, kGroupSize, kHeadDim, grid);
+  detail::DecodeWorkspaceLayout const layout =
+      detail::DecodeWorkspaceLayout::make(heads, kGroupSize, kHeadDim, grid);
   if (params.workspace_bytes < layout.bytes) return Status::kErrorSizeMismatch;
   detail::DecodeWorkspace const ws = layout.carve(params.workspace);
 
@@ -155,35 +130,19 @@ Status DecodeAttention<Variant, T, kHeadDim, kGroupSize>::run(DecodeParams const
   args.probs = params.scores.probs;
   args.probs_stride = params.scores.stride;
   args.page_size = cache.page_size;
-  args.page_shift = (cache.page_size & (cache.page_size - 1)) == 0 ? __builtin_ctz(static_cast<unsigned>(cache.page_size)) : -1;
+  args.page_shift = detail::page_shift_of(cache.page_size);
   args.max_pages_per_head = cache.max_pages_per_head;
   args.num_kv_heads = cache.num_kv_heads;
   args.num_q_heads = params.num_q_heads;
-  args.scale = params.scale > 0.0f ? params.scale : static_cast<float>(1.0 / std::sqrt(static_cast<double>(kHeadDim)));
+  args.scale = detail::softmax_scale_or_default<kHeadDim>(params.scale);
   args.scale_log2 = args.scale * detail::kLog2e;
   args.ws = ws;
 
   detail::decode_plan_kernel<<<1, detail::kPlanThreads, 0, stream>>>(plan);
   if (cudaGetLastError() != cudaSuccess) return Status::kErrorCuda;
 
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute[0].val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(static_cast<unsigned>(grid));
-  config.blockDim = dim3(static_cast<unsigned>(Traits::kThreads));
-  config.dynamicSmemBytes = static_cast<std::size_t>(Traits::kSmemBytes);
-  config.stream = stream;
-  config.attrs = attribute;
-  // Programmatic dependent launch on explicit streams only (the legacy default stream keeps
-  // plain stream order).
-  bool const programmatic = params.programmatic_launch && stream != nullptr && stream != cudaStreamLegacy;
-  config.numAttrs = programmatic ? 1 : 0;
-  if (cudaLaunchKernelEx(&config, kernel, args) != cudaSuccess) {
-    cudaGetLastError();
-    return Status::kErrorCuda;
-  }
-  return Status::kSuccess;
+  return detail::launch_persistent(kernel, args, grid, Traits::kThreads, Traits::kSmemBytes,
+                                   params.programmatic_launch, stream);
 }
 
 //! Header-only dispatcher over every supported (dtype, head dim, group size) for `Variant`.
@@ -194,10 +153,12 @@ Status decode_attention(DecodeParams const& params, cudaStream_t stream) {
   return dispatch(
       [&](auto dtype, auto head_dim, auto group) {
         using T = StorageType<decltype(dtype)::value>;
-        return DecodeAttention<Variant, T, decltype(head_dim)::value, decltype(group)::value>::run(params, stream);
+        return DecodeAttention<Variant, T, decltype(head_dim)::value, decltype(group)::value>::run(
+            params, stream);
       },
       choose(params.dtype, ValueList<DType::kF16, DType::kBF16, DType::kF32>{}),
-      choose(params.cache.head_dim, ValueList<64, 128, 256>{}), choose(params.group_size(), ValueList<1, 2, 4, 8>{}));
+      choose(params.cache.head_dim, ValueList<64, 128, 256>{}),
+      choose(params.group_size(), ValueList<1, 2, 4, 8>{}));
 }
 
 }  // namespace kvc

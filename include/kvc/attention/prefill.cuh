@@ -13,7 +13,6 @@
 //!   3. only with a score mode: prefill_score_kernel (prefill_scores.cuh).
 #pragma once
 
-#include <atomic>
 #include <climits>
 #include <cmath>
 #include <cstddef>
@@ -22,6 +21,7 @@
 #include <cuda_runtime.h>
 
 #include "kvc/attention/dispatch.hpp"
+#include "kvc/attention/launch.cuh"
 #include "kvc/attention/prefill_api.cuh"
 #include "kvc/attention/prefill_kernel.cuh"
 #include "kvc/attention/prefill_params.hpp"
@@ -35,60 +35,22 @@ namespace kvc {
 
 namespace detail {
 
-//! SMs x resident CTAs of `kernel` (threads, dynamic shared memory) on the current device; the
-//! first call per device and `Tag` raises the shared-memory limit and queries the occupancy,
-//! later calls read a cache.
-template <class Tag, class Kernel>
-Status prefill_grid(Kernel kernel, int threads, int smem_bytes, int& grid) {
-  constexpr int kCachedDevices = 64;
-  static std::atomic<int> cache[kCachedDevices] = {};
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) {
-    cudaGetLastError();
-    return Status::kErrorNoDevice;
-  }
-  if (device >= 0 && device < kCachedDevices) {
-    int const cached = cache[device].load(std::memory_order_relaxed);
-    if (cached > 0) {
-      grid = cached;
-      return Status::kSuccess;
-    }
-  }
-  int sms = 0;
-  int blocks = 0;
-  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes) !=
-          cudaSuccess ||
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, smem_bytes) !=
-          cudaSuccess) {
-    cudaGetLastError();
-    return Status::kErrorCuda;
-  }
-  if (sms <= 0 || blocks <= 0) return Status::kErrorNotSupported;
-  grid = sms * blocks;
-  if (device >= 0 && device < kCachedDevices) cache[device].store(grid, std::memory_order_relaxed);
-  return Status::kSuccess;
-}
-
 template <class Variant, class T, int kHeadDim, int kGroupSize>
 struct PrefillKernels {
   struct AttentionTag {};
   struct ScoreTag {};
   static Status attention_grid(int& grid) {
     using Traits = PrefillTraits<T, kHeadDim, kGroupSize>;
-    return prefill_grid<AttentionTag>(prefill_attention_kernel<Variant, T, kHeadDim, kGroupSize>,
-                                      Traits::kThreads, Traits::kSmemBytes, grid);
+    return persistent_grid_of<AttentionTag>(
+        prefill_attention_kernel<Variant, T, kHeadDim, kGroupSize>, Traits::kThreads,
+        Traits::kSmemBytes, grid);
   }
   static Status score_grid(int& grid) {
     using Traits = PrefillScoreTraits<kHeadDim, kGroupSize>;
-    return prefill_grid<ScoreTag>(prefill_score_kernel<Variant, T, kHeadDim, kGroupSize>,
-                                  kPrefillScoreThreads, Traits::kSmemBytes, grid);
+    return persistent_grid_of<ScoreTag>(prefill_score_kernel<Variant, T, kHeadDim, kGroupSize>,
+                                        kPrefillScoreThreads, Traits::kSmemBytes, grid);
   }
 };
-
-inline bool prefill_aligned16(void const* pointer) {
-  return (reinterpret_cast<std::uintptr_t>(pointer) & 15u) == 0;
-}
 
 //! Shape checks shared by the size query and the run.
 template <class T, int kHeadDim, int kGroupSize>
@@ -160,10 +122,10 @@ Status PrefillAttention<Variant, T, kHeadDim, kGroupSize>::run(PrefillParams con
       static_cast<long long>(cache.max_pages_per_head) * cache.page_size > INT_MAX / 2) {
     return Status::kErrorInvalidArgument;
   }
-  if (!detail::prefill_aligned16(params.q) || !detail::prefill_aligned16(params.k) ||
-      !detail::prefill_aligned16(params.v) || !detail::prefill_aligned16(params.out) ||
-      !detail::prefill_aligned16(cache.k_pages) || !detail::prefill_aligned16(cache.v_pages) ||
-      !detail::prefill_aligned16(params.workspace)) {
+  if (!detail::aligned16(params.q) || !detail::aligned16(params.k) ||
+      !detail::aligned16(params.v) || !detail::aligned16(params.out) ||
+      !detail::aligned16(cache.k_pages) || !detail::aligned16(cache.v_pages) ||
+      !detail::aligned16(params.workspace)) {
     return Status::kErrorInvalidArgument;
   }
   int grid = 0;
@@ -204,15 +166,11 @@ Status PrefillAttention<Variant, T, kHeadDim, kGroupSize>::run(PrefillParams con
   args.page_table = cache.page_table;
   args.mask = params.chunk_key_visible;
   args.page_size = cache.page_size;
-  args.page_shift = (cache.page_size & (cache.page_size - 1)) == 0
-                        ? __builtin_ctz(static_cast<unsigned>(cache.page_size))
-                        : -1;
+  args.page_shift = detail::page_shift_of(cache.page_size);
   args.max_pages_per_head = cache.max_pages_per_head;
   args.num_kv_heads = cache.num_kv_heads;
   args.num_q_heads = params.num_q_heads;
-  args.scale = params.scale > 0.0f
-                   ? params.scale
-                   : static_cast<float>(1.0 / std::sqrt(static_cast<double>(kHeadDim)));
+  args.scale = detail::softmax_scale_or_default<kHeadDim>(params.scale);
   args.scale_log2 = args.scale * detail::kLog2e;
   args.write_lse2 = scores;
   args.ws = ws;
@@ -220,24 +178,9 @@ Status PrefillAttention<Variant, T, kHeadDim, kGroupSize>::run(PrefillParams con
   detail::prefill_plan_kernel<<<1, detail::kPrefillPlanThreads, 0, stream>>>(plan);
   if (cudaGetLastError() != cudaSuccess) return Status::kErrorCuda;
 
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute[0].val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(static_cast<unsigned>(grid));
-  config.blockDim = dim3(static_cast<unsigned>(Traits::kThreads));
-  config.dynamicSmemBytes = static_cast<std::size_t>(Traits::kSmemBytes);
-  config.stream = stream;
-  config.attrs = attribute;
-  bool const programmatic =
-      params.programmatic_launch && stream != nullptr && stream != cudaStreamLegacy;
-  config.numAttrs = programmatic ? 1 : 0;
-  if (cudaLaunchKernelEx(&config,
-                         detail::prefill_attention_kernel<Variant, T, kHeadDim, kGroupSize>,
-                         args) != cudaSuccess) {
-    cudaGetLastError();
-    return Status::kErrorCuda;
-  }
+  KVC_RETURN_IF_ERROR(detail::launch_persistent(
+      detail::prefill_attention_kernel<Variant, T, kHeadDim, kGroupSize>, args, grid,
+      Traits::kThreads, Traits::kSmemBytes, params.programmatic_launch, stream));
   if (scores) {
     detail::prefill_score_kernel<Variant, T, kHeadDim, kGroupSize>
         <<<score_grid, detail::kPrefillScoreThreads,

@@ -47,6 +47,50 @@ KVC_DEVICE int pop_pages(std::int32_t* free_count, int demand, int& base) {
   }
 }
 
+//! The end of a kernel of one block per batch row that writes the step report (every thread
+//! of the block calls it; `row_flags`, `row_short` and `last_block` are the block's __shared__
+//! variables, `row_flags` reused as the OR of all rows): records the row's flags and shortfall,
+//! and the last block to finish folds every row into the step report.
+KVC_DEVICE void fold_step_report(StoreArrays const& a, int const row, int const& batch,
+                                 int& row_flags, int const& row_short, bool& last_block,
+                                 BlockScratch& scratch) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    a.row_flags[row] = row_flags | (row_short > 0 ? kStepRowOutOfPages : 0);
+    a.row_short[row] = row_short;
+    __threadfence();
+    int const arrived = atomicAdd(&a.report->blocks_done, 1);
+    last_block = arrived == static_cast<int>(gridDim.x) - 1;
+  }
+  __syncthreads();
+  if (!last_block) return;
+  __threadfence();
+  long long flags_or = 0;
+  long long failed_rows = 0;
+  long long short_pages = 0;
+  for (int r = threadIdx.x; r < batch; r += blockDim.x) {
+    int const flags = __ldcg(a.row_flags + r);
+    flags_or |= flags;
+    failed_rows += flags != 0 ? 1 : 0;
+    short_pages += __ldcg(a.row_short + r);
+  }
+  failed_rows = block_sum(failed_rows, scratch);
+  short_pages = block_sum(short_pages, scratch);
+  if (flags_or != 0) atomicOr(&row_flags, static_cast<int>(flags_or));  // row_flags: reused as OR
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    // Every bit of every row reached row_flags (this block's own row is among them).
+    StepReport report;
+    report.failed = failed_rows > 0 ? 1 : 0;
+    report.pages_short = static_cast<std::int32_t>(short_pages);
+    report.rows_failed = static_cast<std::int32_t>(failed_rows);
+    report.row_flags = row_flags;
+    report.protocol_errors = 0;
+    report.blocks_done = 0;
+    *a.report = report;
+  }
+}
+
 //! Arguments of prepare_step_kernel.
 struct PrepareParams {
   StoreArrays arrays;
@@ -137,41 +181,7 @@ KVC_GLOBAL void __launch_bounds__(kPrepareThreads) prepare_step_kernel(PreparePa
       __syncthreads();  // grant_* are rewritten by the next chunk
     }
   }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    a.row_flags[row] = row_flags | (row_short > 0 ? kStepRowOutOfPages : 0);
-    a.row_short[row] = row_short;
-    __threadfence();
-    int const arrived = atomicAdd(&a.report->blocks_done, 1);
-    last_block = arrived == static_cast<int>(gridDim.x) - 1;
-  }
-  __syncthreads();
-  if (!last_block) return;
-  __threadfence();
-  long long flags_or = 0;
-  long long failed_rows = 0;
-  long long short_pages = 0;
-  for (int r = threadIdx.x; r < p.batch; r += blockDim.x) {
-    int const flags = __ldcg(a.row_flags + r);
-    flags_or |= flags;
-    failed_rows += flags != 0 ? 1 : 0;
-    short_pages += __ldcg(a.row_short + r);
-  }
-  failed_rows = block_sum(failed_rows, scratch);
-  short_pages = block_sum(short_pages, scratch);
-  if (flags_or != 0) atomicOr(&row_flags, static_cast<int>(flags_or));  // row_flags: reused as OR
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    // Every bit of every row reached row_flags (this block's own row is among them).
-    StepReport report;
-    report.failed = failed_rows > 0 ? 1 : 0;
-    report.pages_short = static_cast<std::int32_t>(short_pages);
-    report.rows_failed = static_cast<std::int32_t>(failed_rows);
-    report.row_flags = row_flags;
-    report.protocol_errors = 0;
-    report.blocks_done = 0;
-    *a.report = report;
-  }
+  fold_step_report(a, row, p.batch, row_flags, row_short, last_block, scratch);
 }
 
 //! Arguments of reset_sequence_kernel.

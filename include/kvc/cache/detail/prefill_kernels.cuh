@@ -176,40 +176,7 @@ KVC_GLOBAL void __launch_bounds__(kPrefillAllocThreads)
       __syncthreads();  // grant_* are rewritten by the next chunk
     }
   }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    a.row_flags[row] = row_flags | (row_short > 0 ? kStepRowOutOfPages : 0);
-    a.row_short[row] = row_short;
-    __threadfence();
-    int const arrived = atomicAdd(&a.report->blocks_done, 1);
-    last_block = arrived == static_cast<int>(gridDim.x) - 1;
-  }
-  __syncthreads();
-  if (!last_block) return;
-  __threadfence();
-  long long flags_or = 0;
-  long long failed_rows = 0;
-  long long short_pages = 0;
-  for (int r = threadIdx.x; r < p.batch; r += blockDim.x) {
-    int const flags = __ldcg(a.row_flags + r);
-    flags_or |= flags;
-    failed_rows += flags != 0 ? 1 : 0;
-    short_pages += __ldcg(a.row_short + r);
-  }
-  failed_rows = block_sum(failed_rows, scratch);
-  short_pages = block_sum(short_pages, scratch);
-  if (flags_or != 0) atomicOr(&row_flags, static_cast<int>(flags_or));
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    StepReport report;
-    report.failed = failed_rows > 0 ? 1 : 0;
-    report.pages_short = static_cast<std::int32_t>(short_pages);
-    report.rows_failed = static_cast<std::int32_t>(failed_rows);
-    report.row_flags = row_flags;
-    report.protocol_errors = 0;
-    report.blocks_done = 0;
-    *a.report = report;
-  }
+  fold_step_report(a, row, p.batch, row_flags, row_short, last_block, scratch);
 }
 
 //! What a per-layer prefill block knows about its batch row.
