@@ -35,12 +35,9 @@ while (($# > 0)); do
   shift
 done
 
-out=${OUT:-./out}
-mkdir -p "${out}"
-out=$(cd "${out}" && pwd)
-if ! command -v nvcc >/dev/null 2>&1 && [[ -x /usr/local/cuda/bin/nvcc ]]; then
-  export PATH="/usr/local/cuda/bin:${PATH}"
-fi
+# shellcheck source=scripts/lib/common.sh
+source scripts/lib/common.sh
+kvc_prepare_env  # out, PATH, prefix_args (.devdeps: doctest on the GPU machine)
 sanitizer=$(command -v compute-sanitizer || true)
 if [[ -z ${sanitizer} && -x /usr/local/cuda/bin/compute-sanitizer ]]; then
   sanitizer=/usr/local/cuda/bin/compute-sanitizer
@@ -48,7 +45,8 @@ fi
 
 if ((build)); then
   echo "--- build (log: ${out}/sanitize-build.log)"
-  if ! { cmake -S . -B "${build_dir}" -G Ninja -DCMAKE_BUILD_TYPE=Release -DKVC_CI_MINIMAL=OFF &&
+  if ! { cmake -S . -B "${build_dir}" -G Ninja -DCMAKE_BUILD_TYPE=Release -DKVC_CI_MINIMAL=OFF \
+    "${prefix_args[@]}" &&
     cmake --build "${build_dir}" -j "${jobs}" --target kvc_gpu_tests; } \
     >"${out}/sanitize-build.log" 2>&1; then
     tail -n 20 "${out}/sanitize-build.log"

@@ -1,6 +1,6 @@
 # shellcheck shell=bash
 # Sourced (from the repository root) by the scripts that run on a GPU machine:
-# scripts/bench-suite.sh, scripts/gpu-check.sh.
+# scripts/bench-suite.sh, scripts/gpu-check.sh, scripts/gpu-sanitize.sh.
 
 # kvc_prepare_env: sets `out` to the absolute path of $OUT (default ./out, created); puts
 # /usr/local/cuda/bin on PATH where nvcc is not found; sets `prefix_args` to the CMake arguments
