@@ -478,6 +478,12 @@ int main(int argc, char** argv) {
   }
   // f
   for (int kv : {32, 8}) add({Mix::kBudget, 32, kv, 64, 4096, false});
+  // Diagnostics of (b): GQA over context lengths (a fixed per-call cost shows as the intercept
+  // of time against bytes), graph-launched and eager.
+  for (int kv : {8, 4}) {
+    for (int length : {1024, 2048, 8192}) add({Mix::kFull, 32, kv, 64, length, false});
+    add({Mix::kFull, 32, kv, 64, 4096, true});
+  }
 
   if (kvc::bench::cuda_device_present()) {
     g_probe_gbps = kvc::bench::measure_read_bandwidth();

@@ -5,7 +5,7 @@
 # every built benchmark with JSON output, and print a summary.
 #
 # Usage: scripts/gpu-check.sh [--sanitize] [--filter PATTERN] [--bench-filter REGEX] [--no-bench]
-#                             [--build-dir DIR] [--jobs N]
+#                             [--no-tests] [--build-dir DIR] [--jobs N] [--skip-build]
 #   --sanitize            also run the GPU test binary under compute-sanitizer memcheck and
 #                         racecheck
 #   --filter PATTERN      doctest test-case filter (-tc, wildcards) for the sanitizer runs,
@@ -13,7 +13,14 @@
 #   --bench-filter REGEX  --benchmark_filter for every benchmark binary (default: all)
 #   --no-bench            skip the benchmarks
 #   --build-dir DIR       build directory (default: build-gpu)
-#   --jobs N              build parallelism (default: 16)
+#   --jobs N              build and ctest parallelism (default: 16; GPU test cases share the GPU)
+#   --bench-timeout S     time limit of each benchmark binary (default: 300)
+#   --test-timeout S      time limit of each test case (default: 600)
+#   --no-tests            skip the tests and the GPU runs of the examples
+#   --skip-build          use the binaries already in the build directory
+#   --prebuilt DIR        use a build made on the CPU machine and packed by
+#                         scripts/pack-prebuilt.sh (carried): links the source and build paths
+#                         its CTest files name to this checkout and DIR, then as --skip-build
 # Output: every phase logs to $OUT/<phase>.log ($OUT defaults to ./out); benchmark results go to
 # $OUT/<binary>.json. (The device tool returns at most 8 files: on the lent machine, point OUT at
 # a scratch folder and tar it into the tool's $OUT.) Carry .devdeps (scripts/pack-device-deps.sh)
@@ -28,6 +35,11 @@ bench_filter=""
 run_bench=1
 build_dir=build-gpu
 jobs=16
+run_tests=1
+bench_timeout=300
+test_timeout=600
+skip_build=0
+prebuilt=""
 while (($# > 0)); do
   case "$1" in
     --sanitize) sanitize=1 ;;
@@ -36,7 +48,12 @@ while (($# > 0)); do
     --no-bench) run_bench=0 ;;
     --build-dir) build_dir=${2:?--build-dir needs a directory}; shift ;;
     --jobs) jobs=${2:?--jobs needs a number}; shift ;;
-    -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --no-tests) run_tests=0 ;;
+    --test-timeout) test_timeout=${2:?--test-timeout needs seconds}; shift ;;
+    --bench-timeout) bench_timeout=${2:?--bench-timeout needs seconds}; shift ;;
+    --skip-build) skip_build=1 ;;
+    --prebuilt) prebuilt=${2:?--prebuilt needs a directory}; skip_build=1; shift ;;
+    -h|--help) sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu-check: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -50,6 +67,34 @@ names=()
 results=()
 times=()
 failed=0
+
+if [[ -n ${prebuilt} ]]; then
+  # The packed build's CTest files name the paths it was built at: make them point here.
+  if [[ -f ${prebuilt}/prebuilt.tgz ]]; then
+    unpacked=${TMPDIR:-/tmp}/kvc-prebuilt
+    rm -rf "${unpacked}" && mkdir -p "${unpacked}" &&
+      tar -xzf "${prebuilt}/prebuilt.tgz" -C "${unpacked}" ||
+      { echo "gpu-check: cannot unpack ${prebuilt}/prebuilt.tgz" >&2; exit 2; }
+    prebuilt=${unpacked}
+  fi
+  paths="${prebuilt}/KVC_PREBUILT_PATHS"
+  [[ -f ${paths} ]] || { echo "gpu-check: ${paths} missing (scripts/pack-prebuilt.sh)" >&2; exit 2; }
+  source_path=$(sed -n 1p "${paths}")
+  build_path=$(sed -n 2p "${paths}")
+  prebuilt=$(cd "${prebuilt}" && pwd)
+  if [[ ${source_path} != "${PWD}" ]]; then
+    mkdir -p "$(dirname "${source_path}")" && ln -sfn "${PWD}" "${source_path}" ||
+      { echo "gpu-check: cannot link ${source_path} to ${PWD}" >&2; exit 2; }
+  fi
+  if [[ -d ${build_path} && ! -L ${build_path} ]]; then
+    # A real build lives there (this is the machine it was built on): use it as it is.
+    echo "gpu-check: ${build_path} exists: using it instead of ${prebuilt}"
+  else
+    ln -sfn "${prebuilt}" "${build_path}" ||
+      { echo "gpu-check: cannot link ${build_path} to ${prebuilt}" >&2; exit 2; }
+  fi
+  build_dir=${build_path}
+fi
 
 # run_phase NAME COMMAND...: runs COMMAND with its output in $OUT/NAME.log, records the result.
 run_phase() {
@@ -87,6 +132,15 @@ fail_if_gpu_skipped() {
   fi
 }
 
+# The examples' GPU paths (each checks itself against the CPU reference where it says so).
+run_gpu_examples() {
+  local dir="${build_dir}/examples" rc=0
+  "${dir}/kvc_policy_comparison" --device gpu || rc=1
+  "${dir}/kvc_minimal_dmc" --device gpu --steps 48 || rc=1
+  "${dir}/kvc_engine_loop" --device gpu --policy all --layers 4 --batch 16 --steps 64 || rc=1
+  return "${rc}"
+}
+
 device_info() {
   nvidia-smi || true
   nvcc --version
@@ -97,19 +151,38 @@ device_info() {
 }
 
 run_phase device device_info
-run_phase configure cmake -S . -B "${build_dir}" -G Ninja -DCMAKE_BUILD_TYPE=Release \
-  -DKVC_CI_MINIMAL=OFF "${prefix_args[@]}"
-if [[ ${results[-1]} == ok ]]; then
-  run_phase build cmake --build "${build_dir}" -j "${jobs}"
+if ((skip_build)); then
+  if [[ -x ${build_dir}/tests/kvc_gpu_tests ]]; then
+    run_phase build-skipped echo "using the binaries in ${build_dir}"
+  else
+    run_phase build-skipped false  # no binaries to use
+  fi
 else
-  skip_phase build "configure failed"
+  run_phase configure cmake -S . -B "${build_dir}" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+    -DKVC_CI_MINIMAL=OFF "${prefix_args[@]}"
+  if [[ ${results[-1]} == ok ]]; then
+    run_phase build cmake --build "${build_dir}" -j "${jobs}"
+  else
+    skip_phase build "configure failed"
+  fi
 fi
 
 gpu_tests="${build_dir}/tests/kvc_gpu_tests"
-if [[ ${results[-1]} == ok ]]; then
-  run_phase test-gpu ctest --test-dir "${build_dir}" -L gpu --output-on-failure
+if ((!run_tests)); then
+  skip_phase tests "--no-tests"
+elif [[ ${results[-1]} == ok ]]; then
+  # GPU test cases run in parallel: each holds little device memory, and their CPU reference
+  # checks are what takes the time.
+  run_phase test-gpu ctest --test-dir "${build_dir}" -L gpu --output-on-failure -j "${jobs}" \
+    --timeout "${test_timeout}"
   fail_if_gpu_skipped
-  run_phase test-host ctest --test-dir "${build_dir}" -LE gpu --output-on-failure -j "${jobs}"
+  # Host tests, examples (CPU paths) and tools (kvc-replay round trips: GPU backend when present).
+  # (With --skip-build the install test is left out: it needs the object files.)
+  host_args=(-LE gpu)
+  ((skip_build)) && host_args+=(-E install)
+  run_phase test-host ctest --test-dir "${build_dir}" "${host_args[@]}" --output-on-failure \
+    -j "${jobs}"
+  run_phase examples-gpu run_gpu_examples
 else
   skip_phase test-gpu "build failed"
   skip_phase test-host "build failed"
@@ -146,7 +219,7 @@ if ((run_bench)); then
     name=$(basename "${binary}")
     bench_args=(--benchmark_format=json "--benchmark_out=${out}/${name}.json")
     [[ -n ${bench_filter} ]] && bench_args+=("--benchmark_filter=${bench_filter}")
-    run_phase "${name}" "${binary}" "${bench_args[@]}"
+    run_phase "${name}" timeout "${bench_timeout}" "${binary}" "${bench_args[@]}"
     # A benchmark that reports an error (SkipWithError) still exits 0: count those as failures.
     errors=$(grep -c '"error_occurred": true' "${out}/${name}.json" 2>/dev/null || true)
     if [[ ${results[-1]} == ok && ${errors:-0} -gt 0 ]]; then
