@@ -93,11 +93,16 @@ struct Shape {
   int batch = 64;
   int length = 4096;  // tokens per head before compression
   bool graph = false;
+  int split_waves = 0;      // DecodeParams::split (0: the library default)
+  int split_min_chunk = 0;
 
   std::string key() const {
     return std::string(mix_name(mix)) + "_" + std::to_string(q_heads) + "x" +
            std::to_string(kv_heads) + "_B" + std::to_string(batch) + "_L" + std::to_string(length) +
-           (graph ? "_graph" : "");
+           (graph ? "_graph" : "") +
+           (split_waves > 0 || split_min_chunk > 0
+                ? "_w" + std::to_string(split_waves) + "_c" + std::to_string(split_min_chunk)
+                : "");
   }
   int group_size() const { return kv_heads > 0 ? q_heads / kv_heads : 0; }
   bool supported() const {
@@ -320,6 +325,8 @@ std::string build_state(Shape const& shape, ShapeState& s) {
     p.num_q_heads = shape.q_heads;
     p.out = s.out.data;
     p.lse = s.lse.data;
+    p.split.waves = shape.split_waves;
+    p.split.min_chunk = shape.split_min_chunk;
   }
   std::size_t workspace_bytes = 0;
   SETUP_STATUS(kvc::decode_attention_workspace_size(s.calls[0], workspace_bytes));
@@ -483,6 +490,20 @@ int main(int argc, char** argv) {
   for (int kv : {8, 4}) {
     for (int length : {1024, 2048, 8192}) add({Mix::kFull, 32, kv, 64, length, false});
     add({Mix::kFull, 32, kv, 64, 4096, true});
+  }
+
+  // Split policy sweep (DecodeParams::split): chunks per CTA x smallest chunk, on the shapes
+  // where splitting matters (GQA, DMC mixes, small batches).
+  for (Shape shape : {Shape{Mix::kFull, 32, 8, 64, 4096}, Shape{Mix::kFull, 32, 4, 64, 4096},
+                      Shape{Mix::kA, 32, 32, 64, 4096}, Shape{Mix::kA, 32, 8, 64, 4096},
+                      Shape{Mix::kB, 32, 4, 64, 4096}, Shape{Mix::kA, 32, 32, 8, 4096}}) {
+    for (int waves : {1, 2, 4}) {
+      for (int min_chunk : {64, 256, 1024}) {
+        shape.split_waves = waves;
+        shape.split_min_chunk = min_chunk;
+        add(shape);
+      }
+    }
   }
 
   if (kvc::bench::cuda_device_present()) {

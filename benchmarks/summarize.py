@@ -41,6 +41,8 @@ def rows_of(path):
         data = json.load(handle)
     binary = os.path.splitext(os.path.basename(path))[0]
     rows = []
+    if not isinstance(data, dict):  # not Google Benchmark output (e.g. kvc-e2e's JSON)
+        return rows
     for run in data.get("benchmarks", []):
         if run.get("run_type") == "aggregate" and run.get("aggregate_name") in SKIPPED_AGGREGATES:
             continue

@@ -13,6 +13,9 @@
 #   --jobs N          build parallelism (default: 16)
 #   --filter PATTERN  doctest test-case filter (-tc, wildcards); default: every GPU test case
 #   --tools LIST      the tools to run, space separated (default: all four)
+#   --parallel N      run N sanitizer processes at once, one per (tool, GPU test source file)
+#                     (default: 1 = one process per tool over the whole binary)
+#   --timeout S       time limit of each sanitizer process (default: none)
 # Output: $OUT/sanitize-<tool>.log ($OUT defaults to ./out).
 set -uo pipefail
 
@@ -22,6 +25,8 @@ build=0
 jobs=16
 filter=""
 tools="memcheck racecheck initcheck synccheck"
+parallel=1
+timeout_s=0
 while (($# > 0)); do
   case "$1" in
     --build-dir) build_dir=${2:?--build-dir needs a directory}; shift ;;
@@ -29,7 +34,9 @@ while (($# > 0)); do
     --jobs) jobs=${2:?--jobs needs a number}; shift ;;
     --filter) filter=${2:?--filter needs a pattern}; shift ;;
     --tools) tools=${2:?--tools needs a list}; shift ;;
-    -h | --help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --parallel) parallel=${2:?--parallel needs a number}; shift ;;
+    --timeout) timeout_s=${2:?--timeout needs seconds}; shift ;;
+    -h | --help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu-sanitize: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -66,48 +73,88 @@ fi
 
 doctest_args=(-ts=gpu)
 [[ -n ${filter} ]] && doctest_args+=("-tc=${filter}")
+# Jobs: one per tool, or (--parallel > 1) one per (tool, test source file).
+sources=("")
+if ((parallel > 1)); then
+  sources=()
+  for file in tests/gpu/test_*.cu; do sources+=("$(basename "${file}")"); done
+fi
+options_of() {
+  case "$1" in
+    memcheck) echo "--tool memcheck --leak-check full" ;;
+    racecheck) echo "--tool racecheck --racecheck-report all" ;;
+    initcheck) echo "--tool initcheck" ;;
+    synccheck) echo "--tool synccheck" ;;
+    *) return 1 ;;
+  esac
+}
+# run_job TOOL SOURCE: one sanitizer process; its log is $out/sanitize-TOOL[-SOURCE].log.
+run_job() {
+  local tool=$1 source=$2 log options
+  options=$(options_of "${tool}") || { echo "gpu-sanitize: unknown tool '${tool}'" >&2; return 2; }
+  log="${out}/sanitize-${tool}${source:+-${source%.cu}}.log"
+  local args=("${doctest_args[@]}")
+  [[ -n ${source} ]] && args+=("-sf=*${source}")
+  local limit=()
+  ((timeout_s > 0)) && limit=(timeout "${timeout_s}")
+  # shellcheck disable=SC2086  # options are words
+  "${limit[@]}" "${sanitizer}" ${options} --error-exitcode 1 --print-limit 100 "${binary}" \
+    "${args[@]}" >"${log}" 2>&1
+  echo $? >"${log}.rc"
+}
+for tool in ${tools}; do options_of "${tool}" >/dev/null || { echo "unknown tool ${tool}" >&2; exit 2; }; done
+start=${SECONDS}
+running=0
+for tool in ${tools}; do
+  for source in "${sources[@]}"; do
+    echo "--- ${tool}${source:+ ${source}}"
+    run_job "${tool}" "${source}" &
+    running=$((running + 1))
+    if ((running >= parallel)); then
+      wait -n
+      running=$((running - 1))
+    fi
+  done
+done
+wait
+elapsed=$((SECONDS - start))
+
 names=()
 results=()
-times=()
 failed=0
 for tool in ${tools}; do
-  case "${tool}" in
-    memcheck) options=(--tool memcheck --leak-check full) ;;
-    racecheck) options=(--tool racecheck --racecheck-report all) ;;
-    initcheck) options=(--tool initcheck) ;;
-    synccheck) options=(--tool synccheck) ;;
-    *) echo "gpu-sanitize: unknown tool '${tool}'" >&2; exit 2 ;;
-  esac
-  log="${out}/sanitize-${tool}.log"
-  echo "--- ${tool} (log: ${log})"
-  start=${SECONDS}
-  "${sanitizer}" "${options[@]}" --error-exitcode 1 --print-limit 100 "${binary}" \
-    "${doctest_args[@]}" >"${log}" 2>&1
-  rc=$?
-  errors=$(grep -Eo 'ERROR SUMMARY: [0-9]+' "${log}" | awk '{s += $3} END {print s + 0}')
-  result="ok"
-  if ((rc != 0)); then
-    result="FAIL (exit ${rc}, ${errors} errors)"
-  elif ((errors > 0)); then
-    result="FAIL (${errors} errors)"
-  elif grep -q "kvc: no CUDA device: skipped" "${log}"; then
-    result="FAIL (GPU tests skipped: no usable device)"
-  elif ! grep -q 'Status: SUCCESS' "${log}"; then
-    result="FAIL (no doctest success line)"
-  fi
-  if [[ ${result} != ok ]]; then
-    failed=1
-    tail -n 20 "${log}" | sed 's/^/    /'
-  fi
-  names+=("${tool}")
-  results+=("${result}")
-  times+=("$((SECONDS - start))")
+  for source in "${sources[@]}"; do
+    log="${out}/sanitize-${tool}${source:+-${source%.cu}}.log"
+    rc=$(cat "${log}.rc" 2>/dev/null || echo 99)
+    errors=$(grep -Eo 'ERROR SUMMARY: [0-9]+' "${log}" | awk '{s += $3} END {print s + 0}')
+    hazards=$(grep -Eo 'RACECHECK SUMMARY: [0-9]+ hazard' "${log}" | awk '{s += $3} END {print s + 0}')
+    result="ok"
+    if ((rc == 124)); then
+      result="FAIL (timed out)"
+    elif ((rc != 0)); then
+      result="FAIL (exit ${rc}, ${errors} errors)"
+    elif ((errors > 0 || hazards > 0)); then
+      result="FAIL (${errors} errors, ${hazards} hazards)"
+    elif grep -q "kvc: no CUDA device: skipped" "${log}"; then
+      result="FAIL (GPU tests skipped: no usable device)"
+    elif ! grep -q 'Status: SUCCESS' "${log}"; then
+      result="FAIL (no doctest success line)"
+    else
+      cases=$(sed -n 's/.*test cases: *\([0-9]*\) |.*/\1/p' "${log}" | tail -1)
+      result="ok (${cases:-?} cases, ${errors} errors)"
+    fi
+    if [[ ${result} != ok* ]]; then
+      failed=1
+      tail -n 20 "${log}" | sed 's/^/    /'
+    fi
+    names+=("${tool}${source:+ ${source}}")
+    results+=("${result}")
+  done
 done
 
 echo
-echo "=== gpu-sanitize summary (${binary}, logs in ${out}) ==="
-printf '  %-10s %8s  %s\n' tool seconds result
+echo "=== gpu-sanitize summary (${binary}, logs in ${out}, ${elapsed} s) ==="
 for i in "${!names[@]}"; do
-  printf '  %-10s %8d  %s\n' "${names[$i]}" "${times[$i]}" "${results[$i]}"
+  printf '  %-42s %s\n' "${names[$i]}" "${results[$i]}"
 done
 exit "${failed}"

@@ -61,7 +61,8 @@ PagedStoreConfig prefill_config(PrefillCase const& c, DType dtype) {
     for (auto const& round : c.rounds) total += round[static_cast<std::size_t>(s)];
     longest = std::max(longest, total);
   }
-  if (config.has_scores()) longest = std::min(longest, config.eviction_budget() + 1);
+  // An H2O/TOVA head holds budget + 1 slots whatever the prompt (the store's capacity rule).
+  if (config.has_scores()) longest = config.eviction_budget() + 1;
   int const pages_per_head = (longest + c.page_size - 1) / c.page_size;
   config.max_pages_per_head = pages_per_head;
   config.num_pages =
@@ -138,8 +139,9 @@ bool run_prefill_case(PrefillCase const& c, std::mt19937_64& rng) {
   DType const dtype = DTypeTraits<T>::kDType;
   PagedStoreConfig const config = prefill_config(c, dtype);
   reference::LayerSpec const spec = test::layer_spec(config);
-  INFO("case " << c.name << " dtype " << dtype_name(dtype) << " G " << c.group << " page "
-               << c.page_size << " D " << c.head_dim << " policy " << policy_name(c.policy.kind));
+  INFO("case " << std::string(c.name) << " dtype " << std::string(dtype_name(dtype)) << " G "
+               << c.group << " page " << c.page_size << " D " << c.head_dim << " policy "
+               << std::string(policy_name(c.policy.kind)));
   REQUIRE(config.validate() == Status::kSuccess);
   if (!prefill_attention_supported(dtype, c.head_dim, c.group)) {
     MESSAGE("no prefill attention instance for this shape: case skipped");

@@ -87,6 +87,10 @@ Status DecodeAttention<Variant, T, kHeadDim, kGroupSize>::run(DecodeParams const
   if (!(params.scale >= 0.0f) || !std::isfinite(params.scale)) return Status::kErrorInvalidArgument;
   if (params.scores.probs != nullptr && params.scores.stride <= 0)
     return Status::kErrorInvalidArgument;
+  if (params.split.waves < 0 || params.split.waves > detail::kTargetWaves ||
+      params.split.min_chunk < 0 || params.split.min_chunk % detail::kChunkQuantum != 0) {
+    return Status::kErrorInvalidArgument;
+  }
   if (params.batch == 0) return Status::kSuccess;
   if (params.q == nullptr || params.out == nullptr || cache.k_pages == nullptr ||
       cache.v_pages == nullptr || cache.page_table == nullptr || cache.lengths == nullptr ||
@@ -117,6 +121,8 @@ Status DecodeAttention<Variant, T, kHeadDim, kGroupSize>::run(DecodeParams const
   plan.max_seqs = cache.max_seqs;
   plan.max_length = cache.max_pages_per_head * cache.page_size;
   plan.grid = grid;
+  plan.waves = params.split.waves > 0 ? params.split.waves : detail::kDefaultWaves;
+  plan.min_chunk = params.split.min_chunk > 0 ? params.split.min_chunk : detail::kDefaultMinChunk;
   plan.ws = ws;
 
   detail::DecodeKernelArgs<T> args;

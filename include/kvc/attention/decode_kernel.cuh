@@ -226,14 +226,33 @@ KVC_GLOBAL void __launch_bounds__(DecodeTraits<T, kHeadDim, kGroupSize>::kThread
 
   // ---- Consumer.
   Warp state;
+  // Rewrites the head's G score rows (scaled log2 logits) as probabilities. The (head, slot)
+  // pairs are taken kBatch per thread at a time, all loads before any store, so that a batch
+  // costs one memory latency rather than one per element (the stores would otherwise keep
+  // the compiler from hoisting the next loads).
   auto finish_probs = [&](long long q_row0, int length, float const* lse2) {
     if (args.probs == nullptr) return;
+    constexpr int kBatch = 8;
     int const count = length < args.probs_stride ? length : args.probs_stride;
-    for (int h = 0; h < kGroupSize; ++h) {
-      float* const row = args.probs + (q_row0 + h) * args.probs_stride;
-      float const total = lse2[h];
-      for (int s = tid; s < count; s += kThreads) {
-        row[s] = total == -INFINITY ? 0.0f : exp2_approx(__ldcg(row + s) - total);
+    int const elements = kGroupSize * count;
+    float* const rows = args.probs + q_row0 * args.probs_stride;
+    for (int base = 0; base < elements; base += kBatch * kThreads) {
+      float x[kBatch];
+      int head_of[kBatch];
+      long long at[kBatch];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        int const e = base + u * kThreads + tid;
+        int const h = e < elements ? e / count : 0;
+        head_of[u] = h;
+        at[u] = e < elements ? static_cast<long long>(h) * args.probs_stride + (e - h * count) : -1;
+        x[u] = at[u] >= 0 ? __ldcg(rows + at[u]) : 0.0f;
+      }
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        if (at[u] < 0) continue;
+        float const total = lse2[head_of[u]];
+        rows[at[u]] = total == -INFINITY ? 0.0f : exp2_approx(x[u] - total);
       }
     }
   };
@@ -311,13 +330,36 @@ KVC_GLOBAL void __launch_bounds__(DecodeTraits<T, kHeadDim, kGroupSize>::kThread
       if (lane == 0) s_merged[h] = merged;
     }
     __syncthreads();
-    float const* partials = ws.partial_out + static_cast<long long>(item.partial) * kGroupElems;
+    // out = sum over chunks (in chunk order) of weight * partial: 16-byte loads, kBatch chunks
+    // in flight per thread, so a head of n chunks costs about n / kBatch memory latencies.
+    constexpr int kBatch = 8;
+    constexpr int kVectors = kGroupElems / 4;
+    float4 const* partials = reinterpret_cast<float4 const*>(ws.partial_out) + static_cast<long long>(item.partial) * kVectors;
     T* const out = args.out + q_row0 * kHeadDim;
-    for (int i = tid; i < kGroupElems; i += kThreads) {
-      int const h = i / kHeadDim;
-      float acc = 0.0f;
-      for (int c = 0; c < chunks; ++c) acc += s_w[c * kGroupSize + h] * __ldcg(partials + static_cast<long long>(c) * kGroupElems + i);
-      out[i] = DTypeTraits<T>::from_float(acc);
+    for (int v = tid; v < kVectors; v += kThreads) {
+      int const h = (4 * v) / kHeadDim;
+      float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      for (int c0 = 0; c0 < chunks; c0 += kBatch) {
+        float4 x[kBatch];
+#pragma unroll
+        for (int u = 0; u < kBatch; ++u) {
+          x[u] = c0 + u < chunks ? __ldcg(partials + static_cast<long long>(c0 + u) * kVectors + v) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        }
+#pragma unroll
+        for (int u = 0; u < kBatch; ++u) {
+          if (c0 + u >= chunks) break;
+          float const w = s_w[(c0 + u) * kGroupSize + h];
+          acc.x += w * x[u].x;
+          acc.y += w * x[u].y;
+          acc.z += w * x[u].z;
+          acc.w += w * x[u].w;
+        }
+      }
+      T* const o = out + 4 * v;
+      o[0] = DTypeTraits<T>::from_float(acc.x);
+      o[1] = DTypeTraits<T>::from_float(acc.y);
+      o[2] = DTypeTraits<T>::from_float(acc.z);
+      o[3] = DTypeTraits<T>::from_float(acc.w);
     }
     if (args.lse != nullptr && tid < kGroupSize) args.lse[q_row0 + tid] = s_merged[tid] * kLn2;
     finish_probs(q_row0, item.length, s_merged);

@@ -5,8 +5,9 @@
 //! (largest first) for the persistent attention kernel. No host work grows with batch x heads
 //! and nothing goes back to the host.
 //!
-//! Chunking. T = sum of lengths, P = persistent grid (CTAs). The chunk bound is
-//!   C = max(kChunkQuantum, roundup(ceil(T / (kTargetWaves * P)), kChunkQuantum)).
+//! Chunking. T = sum of lengths, P = persistent grid (CTAs), W = waves (<= kTargetWaves), M =
+//! min_chunk (a multiple of kChunkQuantum). The chunk bound is
+//!   C = max(M, roundup(ceil(T / (W * P)), kChunkQuantum)).
 //! A head of length L > 0 gets n0 = min(ceil(L / C), kMaxSplits) chunks of equal size
 //! cs = roundup(ceil(L / n0), kChunkQuantum) (the last one shorter), n = ceil(L / cs) <= n0.
 //! Hence: work items <= T / C + heads <= kTargetWaves * P + heads, and partial records (only
@@ -28,7 +29,9 @@ namespace kvc::detail {
 
 inline constexpr int kChunkQuantum = 64;   //!< chunk sizes and boundaries are multiples of this
 inline constexpr int kMaxSplits = 64;      //!< most chunks one head is split into
-inline constexpr int kTargetWaves = 4;     //!< aim for about this many chunks per CTA
+inline constexpr int kTargetWaves = 4;     //!< most chunks per CTA the plan may aim for
+inline constexpr int kDefaultWaves = 4;    //!< chunks per CTA aimed for by default
+inline constexpr int kDefaultMinChunk = 64;  //!< smallest chunk by default (slots)
 inline constexpr int kPlanThreads = 1024;  //!< the plan kernel's single block
 
 //! One unit of work: slots [begin, end) of one (batch row, KV head). 32 bytes.
@@ -115,6 +118,8 @@ struct DecodePlanArgs {
   int max_seqs = 0;
   int max_length = 0;  //!< max_pages_per_head * page_size: lengths are clamped to [0, max_length]
   int grid = 0;        //!< CTAs of the persistent attention kernel
+  int waves = kDefaultWaves;          //!< chunks per CTA aimed for, 1..kTargetWaves
+  int min_chunk = kDefaultMinChunk;   //!< smallest chunk, a multiple of kChunkQuantum
   DecodeWorkspace ws{};
 };
 
@@ -185,10 +190,10 @@ KVC_GLOBAL void __launch_bounds__(kPlanThreads) decode_plan_kernel(DecodePlanArg
   long long total = 0;
 #pragma unroll 4
   for (int w = 0; w < kPlanThreads / 32; ++w) total += warp_totals[w];
-  long long const target_items = static_cast<long long>(kTargetWaves) * a.grid;
+  long long const target_items = static_cast<long long>(a.waves) * a.grid;
   long long chunk_bound = (total + target_items - 1) / target_items;
   chunk_bound = (chunk_bound + kChunkQuantum - 1) / kChunkQuantum * kChunkQuantum;
-  if (chunk_bound < kChunkQuantum) chunk_bound = kChunkQuantum;
+  if (chunk_bound < a.min_chunk) chunk_bound = a.min_chunk;
   if (chunk_bound > (1ll << 30)) chunk_bound = 1ll << 30;  // > any length: one chunk per head
   int const chunk = static_cast<int>(chunk_bound);
 
