@@ -492,17 +492,18 @@ int main(int argc, char** argv) {
     add({Mix::kFull, 32, kv, 64, 4096, true});
   }
 
-  // Split policy sweep (DecodeParams::split): chunks per CTA x smallest chunk, on the shapes
-  // where splitting matters (GQA, DMC mixes, small batches).
-  for (Shape shape : {Shape{Mix::kFull, 32, 8, 64, 4096}, Shape{Mix::kFull, 32, 4, 64, 4096},
-                      Shape{Mix::kA, 32, 32, 64, 4096}, Shape{Mix::kA, 32, 8, 64, 4096},
-                      Shape{Mix::kB, 32, 4, 64, 4096}, Shape{Mix::kA, 32, 32, 8, 4096}}) {
-    for (int waves : {1, 2, 4}) {
-      for (int min_chunk : {64, 256, 1024}) {
-        shape.split_waves = waves;
-        shape.split_min_chunk = min_chunk;
-        add(shape);
-      }
+  // Split policy (DecodeParams::split) against the default: every shape above once more with
+  // larger chunks (min_chunk 1024), and the small calls with the old default (4 waves, 64).
+  std::vector<Shape> const main_shapes = g_shapes;
+  for (Shape shape : main_shapes) {
+    if (shape.graph) continue;
+    shape.split_waves = 1;
+    shape.split_min_chunk = 1024;
+    add(shape);
+    if (shape.batch <= 8) {
+      shape.split_waves = 4;
+      shape.split_min_chunk = 64;
+      add(shape);
     }
   }
 

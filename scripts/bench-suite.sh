@@ -15,6 +15,7 @@
 #
 # Usage: scripts/bench-suite.sh [--parts budget,fixed,baseline,micro,plots] [--quick]
 #                               [--build-dir DIR] [--jobs N] [--skip-build]
+#   --parts   the parts to run, in this order (default: all, in the order above)
 #   --quick   fewer policies and steps (a smoke run of every part)
 # Run time (ESTIMATE, not measured): build 3-5 min on 16 cores, budget ~2-3 min, fixed ~1 min,
 # baseline ~2 min (torch.compile), micro ~1 min. Use --parts to split across device calls.
@@ -59,7 +60,6 @@ run_part() {  # run_part NAME COMMAND...: logs to $out/NAME.log
   times+=($((SECONDS - start)))
   tail -n 25 "${out}/${name}.log"
 }
-has_part() { [[ ",${parts}," == *",$1,"* ]]; }
 
 if ((skip_build == 0)); then
   run_part configure cmake -S . -B "${build_dir}" -G Ninja -DCMAKE_BUILD_TYPE=Release \
@@ -71,7 +71,7 @@ e2e="${build_dir}/benchmarks/kvc-e2e"
 steps=16
 if ((quick)); then steps=4; fi
 
-if has_part budget; then
+part_budget() {
   if ((quick)); then
     run_part e2e_budget_7b "${e2e}" --model 7b --policies full,dmc:4 --steps "${steps}" \
       --json "${out}/e2e_budget_7b.json"
@@ -85,34 +85,44 @@ if has_part budget; then
     run_part e2e_budget_70b "${e2e}" --model 70b-tp2 --policies full,dmc:4,dmc:8 \
       --steps "${steps}" --json "${out}/e2e_budget_70b.json"
   fi
-fi
-if has_part fixed; then
+}
+part_fixed() {
   policies=full,dmc:4,h2o:4,tova:4
   batches=1,8,32,64,128,256
   if ((quick)); then policies=full,dmc:4; batches=1,32; fi
   run_part e2e_fixed_7b "${e2e}" --model 7b --mode fixed --policies "${policies}" \
     --batches "${batches}" --prompt 1024 --generate 0 --context 1000 --steps "${steps}" \
     --json "${out}/e2e_fixed_7b.json"
-fi
-if has_part baseline; then
+}
+part_baseline() {
   # The same positions in both: a 4096-token cache, warm-up 5 and `steps` timed steps at its end.
-  run_part hf_llama_decode python3 benchmarks/baselines/hf_llama_decode.py --batch 31 \
+  # (KVC_BASELINE_TIMEOUT bounds the PyTorch run: torch.compile can take minutes.)
+  run_part hf_llama_decode timeout "${KVC_BASELINE_TIMEOUT:-600}" \
+    python3 benchmarks/baselines/hf_llama_decode.py --batch 31 \
     --context 4096 --steps "${steps}" --warmup 5 --out "${out}/hf_llama_decode.json"
   run_part e2e_fixed_7b_b31 "${e2e}" --model 7b --mode fixed --policies full --batches 31 \
     --prompt 4096 --generate 0 --context $((4096 - 5 - steps)) --warmup 5 --steps "${steps}" \
     --json "${out}/e2e_fixed_7b_b31.json"
-fi
-if has_part micro; then
+}
+part_micro() {
   for binary in "${build_dir}"/benchmarks/kvc_bench_*; do
     [[ -x ${binary} ]] || continue
     name=$(basename "${binary}")
     run_part "${name}" "${binary}" --benchmark_format=json --benchmark_out="${out}/${name}.json" \
       --benchmark_out_format=json
   done
-fi
-if has_part plots; then
+}
+part_plots() {
   run_part plots python3 scripts/plot_results.py "${out}"
-fi
+}
+# The parts in the order given (put the one that matters most first when time is short).
+IFS=, read -r -a part_list <<<"${parts}"
+for part in "${part_list[@]}"; do
+  case "${part}" in
+    budget | fixed | baseline | micro | plots) "part_${part}" ;;
+    *) echo "bench-suite: unknown part '${part}'" >&2; exit 2 ;;
+  esac
+done
 
 echo
 echo "=== bench-suite summary (logs and JSON in ${out}) ==="

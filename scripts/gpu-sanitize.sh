@@ -13,7 +13,7 @@
 #   --jobs N          build parallelism (default: 16)
 #   --filter PATTERN  doctest test-case filter (-tc, wildcards); default: every GPU test case
 #   --tools LIST      the tools to run, space separated (default: all four)
-#   --parallel N      run N sanitizer processes at once, one per (tool, GPU test source file)
+#   --parallel N      run N sanitizer processes at once, one per (tool, GPU test case)
 #                     (default: 1 = one process per tool over the whole binary)
 #   --timeout S       time limit of each sanitizer process (default: none)
 # Output: $OUT/sanitize-<tool>.log ($OUT defaults to ./out).
@@ -73,12 +73,25 @@ fi
 
 doctest_args=(-ts=gpu)
 [[ -n ${filter} ]] && doctest_args+=("-tc=${filter}")
-# Jobs: one per tool, or (--parallel > 1) one per (tool, test source file).
+# Jobs: one per tool, or (--parallel > 1) one per (tool, test case).
+# A job is named by a test-case pattern ("" = every case). Commas separate doctest filters, so
+# a comma inside a case name becomes the one-character wildcard '?'.
 sources=("")
 if ((parallel > 1)); then
   sources=()
-  for file in tests/gpu/test_*.cu; do sources+=("$(basename "${file}")"); done
+  while IFS= read -r name; do
+    [[ -n ${name} ]] && sources+=("${name//,/?}")
+  done < <("${binary}" "${doctest_args[@]}" --list-test-cases --no-intro=true 2>/dev/null |
+    grep -v -e '^===' -e '^\[doctest\]')
+  if ((${#sources[@]} == 0)); then
+    echo "gpu-sanitize: no test cases listed by ${binary}" >&2
+    exit 1
+  fi
 fi
+# Log file of a job: sanitize-TOOL[-NN].log, NN the index of its test case.
+log_of() {  # log_of TOOL INDEX
+  if [[ -z ${sources[$2]} ]]; then echo "${out}/sanitize-$1.log"; else printf '%s/sanitize-%s-%02d.log' "${out}" "$1" "$2"; fi
+}
 options_of() {
   case "$1" in
     memcheck) echo "--tool memcheck --leak-check full" ;;
@@ -88,13 +101,14 @@ options_of() {
     *) return 1 ;;
   esac
 }
-# run_job TOOL SOURCE: one sanitizer process; its log is $out/sanitize-TOOL[-SOURCE].log.
+# run_job TOOL INDEX: one sanitizer process over test case pattern sources[INDEX].
 run_job() {
-  local tool=$1 source=$2 log options
+  local tool=$1 index=$2 log options
+  local pattern=${sources[$index]}
   options=$(options_of "${tool}") || { echo "gpu-sanitize: unknown tool '${tool}'" >&2; return 2; }
-  log="${out}/sanitize-${tool}${source:+-${source%.cu}}.log"
-  local args=("${doctest_args[@]}")
-  [[ -n ${source} ]] && args+=("-sf=*${source}")
+  log=$(log_of "${tool}" "${index}")
+  local args=(-ts=gpu)
+  if [[ -n ${pattern} ]]; then args+=("-tc=${pattern}"); else args=("${doctest_args[@]}"); fi
   local limit=()
   ((timeout_s > 0)) && limit=(timeout "${timeout_s}")
   # shellcheck disable=SC2086  # options are words
@@ -106,9 +120,9 @@ for tool in ${tools}; do options_of "${tool}" >/dev/null || { echo "unknown tool
 start=${SECONDS}
 running=0
 for tool in ${tools}; do
-  for source in "${sources[@]}"; do
-    echo "--- ${tool}${source:+ ${source}}"
-    run_job "${tool}" "${source}" &
+  for index in "${!sources[@]}"; do
+    echo "--- ${tool}${sources[$index]:+ ${sources[$index]}}"
+    run_job "${tool}" "${index}" &
     running=$((running + 1))
     if ((running >= parallel)); then
       wait -n
@@ -123,8 +137,8 @@ names=()
 results=()
 failed=0
 for tool in ${tools}; do
-  for source in "${sources[@]}"; do
-    log="${out}/sanitize-${tool}${source:+-${source%.cu}}.log"
+  for index in "${!sources[@]}"; do
+    log=$(log_of "${tool}" "${index}")
     rc=$(cat "${log}.rc" 2>/dev/null || echo 99)
     errors=$(grep -Eo 'ERROR SUMMARY: [0-9]+' "${log}" | awk '{s += $3} END {print s + 0}')
     hazards=$(grep -Eo 'RACECHECK SUMMARY: [0-9]+ hazard' "${log}" | awk '{s += $3} END {print s + 0}')
@@ -147,7 +161,7 @@ for tool in ${tools}; do
       failed=1
       tail -n 20 "${log}" | sed 's/^/    /'
     fi
-    names+=("${tool}${source:+ ${source}}")
+    names+=("${tool}${sources[$index]:+ $(basename "${log}" .log): ${sources[$index]:0:60}}")
     results+=("${result}")
   done
 done
@@ -155,6 +169,6 @@ done
 echo
 echo "=== gpu-sanitize summary (${binary}, logs in ${out}, ${elapsed} s) ==="
 for i in "${!names[@]}"; do
-  printf '  %-42s %s\n' "${names[$i]}" "${results[$i]}"
+  printf '  %-100s %s\n' "${names[$i]}" "${results[$i]}"
 done
 exit "${failed}"

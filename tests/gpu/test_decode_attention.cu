@@ -53,12 +53,15 @@ struct DecodeCase {
   bool probs = true;
   float q_stddev = 1.5f;  // logits of std ~ q_stddev (keys are N(0, 1))
   float soft_cap = 0.0f;  // > 0: the reference applies cap * tanh(logit / cap)
+  kvc::DecodeParams::SplitPolicy split{};  // the plan's split policy (zeros: the default)
 
   int num_q_heads() const { return group * num_kv_heads; }
   std::string name() const {
     return std::string(kvc::dtype_name(dtype)) + " D=" + std::to_string(head_dim) +
            " G=" + std::to_string(group) + " Hkv=" + std::to_string(num_kv_heads) +
-           " page=" + std::to_string(page_size) + " B=" + std::to_string(batch);
+           " page=" + std::to_string(page_size) + " B=" + std::to_string(batch) +
+           (split.waves > 0 ? " waves=" + std::to_string(split.waves) : "") +
+           (split.min_chunk > 0 ? " min_chunk=" + std::to_string(split.min_chunk) : "");
   }
 };
 
@@ -148,6 +151,7 @@ struct PagedLayer {
       p.scores.stride = probs_stride;
     }
     p.logits_soft_cap = c.soft_cap;
+    p.split = c.split;
     p.workspace = d_workspace.get();
     p.workspace_bytes = d_workspace.bytes();
     return p;
@@ -374,9 +378,14 @@ TEST_SUITE("gpu") {
             REQUIRE(kvc::decode_attention_supported(dtype, head_dim, group));
             DecodeCase c = shaped_case(dtype, head_dim, group, 2, page_size, 3, 4);
             c.seq_slots = shuffled_slots(rng, c.batch, c.max_seqs);
-            // Lengths up to 300: heads above 64 slots are split (the chunk bound is 64 here), so
-            // the last-CTA merge runs; shorter ones finish in one chunk.
+            // Lengths up to 300: with the default split policy heads above 256 slots are split
+            // (the chunk bound is the minimum chunk here), so the last-CTA merge runs; shorter
+            // ones finish in one chunk.
             c.lengths = ragged_lengths(rng, c.max_seqs * c.num_kv_heads, 300);
+            run_and_check(c, rng, guard.stream);
+            // The same lengths split as finely as the plan allows (64-slot chunks, 4 per CTA):
+            // heads above 64 slots then go through the last-CTA merge.
+            c.split = {4, 64};
             run_and_check(c, rng, guard.stream);
           }
         }
@@ -430,6 +439,10 @@ TEST_SUITE("gpu") {
         // Enough slots that the chunk bound rises above the minimum (items of several sizes).
         c.lengths = dmc_lengths(rng, c.max_seqs * c.num_kv_heads, 4096, *mix);
         c.probs = group == 4;
+        run_and_check(c, rng, guard.stream);
+        c.split = {4, 64};  // many chunks per head: merges of up to 64 partials
+        run_and_check(c, rng, guard.stream);
+        c.split = {1, 1024};
         run_and_check(c, rng, guard.stream);
       }
     }
@@ -625,6 +638,15 @@ TEST_SUITE("gpu") {
         CHECK_MESSAGE(query == status, what << ": size query returned " << kvc::to_string(query));
       }
     };
+    params = valid;
+    params.split.waves = 5;
+    expect(params, Status::kErrorInvalidArgument, "split waves 5");
+    params = valid;
+    params.split.min_chunk = 100;
+    expect(params, Status::kErrorInvalidArgument, "split min_chunk 100");
+    params = valid;
+    params.split.min_chunk = -64;
+    expect(params, Status::kErrorInvalidArgument, "split min_chunk -64");
     params = valid;
     params.cache.head_dim = 96;
     expect(params, Status::kErrorNotSupported, "head dim 96");

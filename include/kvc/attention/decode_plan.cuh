@@ -30,8 +30,11 @@ namespace kvc::detail {
 inline constexpr int kChunkQuantum = 64;   //!< chunk sizes and boundaries are multiples of this
 inline constexpr int kMaxSplits = 64;      //!< most chunks one head is split into
 inline constexpr int kTargetWaves = 4;     //!< most chunks per CTA the plan may aim for
-inline constexpr int kDefaultWaves = 4;    //!< chunks per CTA aimed for by default
-inline constexpr int kDefaultMinChunk = 64;  //!< smallest chunk by default (slots)
+// Defaults measured on an H200 (benchmarks/RESULTS.md, 2026-12-03): one chunk per CTA and
+// chunks of at least 256 slots beat 4 waves of 64-slot chunks on every GQA, DMC-mix and
+// small-batch shape (fewer split-KV merges and item epilogues), and tie on dense MHA.
+inline constexpr int kDefaultWaves = 1;      //!< chunks per CTA aimed for by default
+inline constexpr int kDefaultMinChunk = 256;  //!< smallest chunk by default (slots)
 inline constexpr int kPlanThreads = 1024;  //!< the plan kernel's single block
 
 //! One unit of work: slots [begin, end) of one (batch row, KV head). 32 bytes.

@@ -45,8 +45,8 @@ struct DecodeParams {
                                             //!< kernel (programmatic dependent launch, sm_90;
                                             //!< explicit streams only, not the legacy stream 0)
   //! How the device plan splits heads into chunks (tuning; zeros = the library's defaults).
-  //! `waves`: chunks per persistent CTA the plan aims for, 1..4 (default 4); `min_chunk`:
-  //! the smallest chunk, a multiple of 64 slots (default 64). Fewer, larger chunks mean fewer
+  //! `waves`: chunks per persistent CTA the plan aims for, 1..4 (default 1); `min_chunk`:
+  //! the smallest chunk, a multiple of 64 slots (default 256). Fewer, larger chunks mean fewer
   //! split-KV merges and item epilogues, at the price of balance. Results do not depend on it
   //! beyond rounding (the merge order is fixed per head).
   struct SplitPolicy {

@@ -504,6 +504,33 @@ KVC_DEVICE void prefill_write_element(StoreArrays const& a, StoreDims const& dim
   static_cast<T*>(a.v_pages)[row * dims.head_dim + x] = value;
 }
 
+//! Copies `rows` K/V rows into slots of one head with 16-byte vectors spread over the block's
+//! threads: row r (r < rows) is read at element offset source_of(r) of k_src / v_src and written
+//! to slot slot_of(r) (nothing when that is negative); on_row(r, slot_row) runs once per copied
+//! row, by the thread that copies its first vector (positions, scores). Rows are whole 16-byte
+//! vectors: head_dim * sizeof(T) is a multiple of 16 for every supported head dim.
+template <class T, class SlotOf, class SourceOf, class OnRow>
+KVC_DEVICE void prefill_copy_rows(StoreArrays const& a, StoreDims const& dims,
+                                  std::int32_t const* pages, int rows, T const* k_src,
+                                  T const* v_src, SlotOf slot_of, SourceOf source_of,
+                                  OnRow on_row) {
+  int const vectors = dims.head_dim * static_cast<int>(sizeof(T)) / 16;  // per row
+  long long const total = static_cast<long long>(rows) * vectors;
+  for (long long index = threadIdx.x; index < total; index += blockDim.x) {
+    int const r = static_cast<int>(index / vectors);
+    int const c = static_cast<int>(index - static_cast<long long>(r) * vectors);
+    int const slot = slot_of(r);
+    if (slot < 0) continue;
+    std::int64_t const row = dims.slot_row(pages, slot);
+    std::int64_t const source = source_of(r);
+    reinterpret_cast<uint4*>(static_cast<T*>(a.k_pages) + row * dims.head_dim)[c] =
+        reinterpret_cast<uint4 const*>(k_src + source)[c];
+    reinterpret_cast<uint4*>(static_cast<T*>(a.v_pages) + row * dims.head_dim)[c] =
+        reinterpret_cast<uint4 const*>(v_src + source)[c];
+    if (c == 0) on_row(r, row);
+  }
+}
+
 //! After a commit: returns the pages of a head beyond ceil(length / page_size) to the free stack
 //! (DMC's worst-case reservation, or an H2O cut short of the budget). Thread 0 only.
 KVC_DEVICE void prefill_return_spare_pages(StoreArrays const& a, StoreDims const& dims,
@@ -636,18 +663,16 @@ KVC_GLOBAL void __launch_bounds__(kPrefillThreads)
   std::int64_t const kv_first = static_cast<std::int64_t>(rw.begin) * hkv;  // token rows
   int new_length = length;
 
+  // Element offset of chunk token j's row of this KV head in the packed [T, Hkv, D] inputs.
+  auto token_source = [&](int j) {
+    return ((kv_first + static_cast<std::int64_t>(j) * hkv) + h) * d;
+  };
   if (kind == PolicyKind::kFull) {
-    for (std::int64_t index = threadIdx.x; index < static_cast<std::int64_t>(tokens) * d;
-         index += blockDim.x) {
-      int const j = static_cast<int>(index / d);
-      int const x = static_cast<int>(index % d);
-      std::int64_t const element = ((kv_first + static_cast<std::int64_t>(j) * hkv) + h) * d + x;
-      prefill_write_element<T>(a, dims, pages, length + j, x, k_att[element], p.v[element]);
-      if (x == 0) {
-        a.position_pages[dims.slot_row(pages, length + j)] =
-            static_cast<std::int32_t>(rw.first + j);
-      }
-    }
+    prefill_copy_rows<T>(
+        a, dims, pages, tokens, k_att, p.v, [&](int j) { return length + j; }, token_source,
+        [&](int j, std::int64_t slot_row) {
+          a.position_pages[slot_row] = static_cast<std::int32_t>(rw.first + j);
+        });
     new_length = length + tokens;
   } else if (kind == PolicyKind::kDmc) {
     T const* v_att = static_cast<T const*>(p.buf.v_att);
@@ -663,19 +688,12 @@ KVC_GLOBAL void __launch_bounds__(kPrefillThreads)
       shared_slot[threadIdx.x] = flag != 0 ? static_cast<int>(prefix + kept + rank) : -1;
       __syncthreads();
       int const in_tile = min(static_cast<int>(blockDim.x), tokens - tile);
-      for (int index = threadIdx.x; index < in_tile * d; index += blockDim.x) {
-        int const t = index / d;
-        int const x = index % d;
-        int const slot = shared_slot[t];
-        if (slot < 0) continue;
-        std::int64_t const element =
-            ((kv_first + static_cast<std::int64_t>(tile + t) * hkv) + h) * d + x;
-        prefill_write_element<T>(a, dims, pages, slot, x, k_att[element], v_att[element]);
-        if (x == 0) {
-          a.position_pages[dims.slot_row(pages, slot)] =
-              static_cast<std::int32_t>(rw.first + tile + t);
-        }
-      }
+      prefill_copy_rows<T>(
+          a, dims, pages, in_tile, k_att, v_att, [&](int t) { return shared_slot[t]; },
+          [&](int t) { return token_source(tile + t); },
+          [&](int t, std::int64_t slot_row) {
+            a.position_pages[slot_row] = static_cast<std::int32_t>(rw.first + tile + t);
+          });
       kept += total;
       __syncthreads();
     }
@@ -762,18 +780,12 @@ KVC_GLOBAL void __launch_bounds__(kPrefillThreads)
       for (int c = threadIdx.x; c < length; c += blockDim.x) {
         if (own_scores) a.score_pages[dims.slot_row(pages, c)] = cand_score[c];
       }
-      for (std::int64_t index = threadIdx.x; index < static_cast<std::int64_t>(tokens) * d;
-           index += blockDim.x) {
-        int const j = static_cast<int>(index / d);
-        int const x = static_cast<int>(index % d);
-        std::int64_t const element = ((kv_first + static_cast<std::int64_t>(j) * hkv) + h) * d + x;
-        prefill_write_element<T>(a, dims, pages, length + j, x, k_att[element], p.v[element]);
-        if (x == 0) {
-          std::int64_t const slot_row = dims.slot_row(pages, length + j);
-          a.position_pages[slot_row] = static_cast<std::int32_t>(rw.first + j);
-          a.score_pages[slot_row] = stored_score(cand_score[length + j]);
-        }
-      }
+      prefill_copy_rows<T>(
+          a, dims, pages, tokens, k_att, p.v, [&](int j) { return length + j; }, token_source,
+          [&](int j, std::int64_t slot_row) {
+            a.position_pages[slot_row] = static_cast<std::int32_t>(rw.first + j);
+            a.score_pages[slot_row] = stored_score(cand_score[length + j]);
+          });
       new_length = n;
     } else {
       // Kept existing slots, ranked by position, are staged first (they move), then written to
@@ -838,20 +850,13 @@ KVC_GLOBAL void __launch_bounds__(kPrefillThreads)
         shared_slot[threadIdx.x] = flag != 0 ? static_cast<int>(m + kept + rank) : -1;
         __syncthreads();
         int const in_tile = min(static_cast<int>(blockDim.x), tokens - tile);
-        for (int index = threadIdx.x; index < in_tile * d; index += blockDim.x) {
-          int const t = index / d;
-          int const x = index % d;
-          int const slot = shared_slot[t];
-          if (slot < 0) continue;
-          std::int64_t const element =
-              ((kv_first + static_cast<std::int64_t>(tile + t) * hkv) + h) * d + x;
-          prefill_write_element<T>(a, dims, pages, slot, x, k_att[element], p.v[element]);
-          if (x == 0) {
-            std::int64_t const slot_row = dims.slot_row(pages, slot);
-            a.position_pages[slot_row] = static_cast<std::int32_t>(rw.first + tile + t);
-            a.score_pages[slot_row] = stored_score(cand_score[length + tile + t]);
-          }
-        }
+        prefill_copy_rows<T>(
+            a, dims, pages, in_tile, k_att, p.v, [&](int t) { return shared_slot[t]; },
+            [&](int t) { return token_source(tile + t); },
+            [&](int t, std::int64_t slot_row) {
+              a.position_pages[slot_row] = static_cast<std::int32_t>(rw.first + tile + t);
+              a.score_pages[slot_row] = stored_score(cand_score[length + tile + t]);
+            });
         kept += total;
         __syncthreads();
       }
