@@ -14,11 +14,14 @@
 # summary table, and the script exits non-zero at the end.
 #
 # Usage: scripts/bench-suite.sh [--parts budget,fixed,baseline,micro,plots] [--quick]
-#                               [--build-dir DIR] [--jobs N] [--skip-build]
+#                               [--build-dir DIR] [--jobs N] [--skip-build] [--prebuilt DIR]
 #   --parts   the parts to run, in this order (default: all, in the order above)
 #   --quick   fewer policies and steps (a smoke run of every part)
-# Run time (ESTIMATE, not measured): build 3-5 min on 16 cores, budget ~2-3 min, fixed ~1 min,
-# baseline ~2 min (torch.compile), micro ~1 min. Use --parts to split across device calls.
+#   --prebuilt DIR  run the binaries of a build packed by scripts/pack-prebuilt.sh (carried)
+#                   instead of building here (as gpu-check.sh --prebuilt)
+# Run time measured on an H200 (2026-12-03, a prebuilt build, every part but micro): baseline 98 s
+# (torch.compile included), budget 49 s, fixed 21 s, plots 2 s; micro 30-45 s. Building on the
+# device instead was not timed (--prebuilt avoids it). Use --parts to split across device calls.
 set -uo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
@@ -27,6 +30,7 @@ quick=0
 build_dir=build-bench
 jobs=16
 skip_build=0
+prebuilt=""
 while (($# > 0)); do
   case "$1" in
     --parts) parts=${2:?--parts needs a list}; shift ;;
@@ -34,7 +38,8 @@ while (($# > 0)); do
     --build-dir) build_dir=${2:?--build-dir needs a directory}; shift ;;
     --jobs) jobs=${2:?--jobs needs a number}; shift ;;
     --skip-build) skip_build=1 ;;
-    -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --prebuilt) prebuilt=${2:?--prebuilt needs a directory}; skip_build=1; shift ;;
+    -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "bench-suite: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -42,6 +47,9 @@ done
 # shellcheck source=scripts/lib/common.sh
 source scripts/lib/common.sh
 kvc_prepare_env  # out (absolute $OUT), PATH, prefix_args / LD_LIBRARY_PATH for .devdeps
+if [[ -n ${prebuilt} ]]; then
+  kvc_use_prebuilt "${prebuilt}" || exit 2  # sets build_dir
+fi
 
 names=()
 results=()

@@ -69,31 +69,7 @@ times=()
 failed=0
 
 if [[ -n ${prebuilt} ]]; then
-  # The packed build's CTest files name the paths it was built at: make them point here.
-  if [[ -f ${prebuilt}/prebuilt.tgz ]]; then
-    unpacked=${TMPDIR:-/tmp}/kvc-prebuilt
-    rm -rf "${unpacked}" && mkdir -p "${unpacked}" &&
-      tar -xzf "${prebuilt}/prebuilt.tgz" -C "${unpacked}" ||
-      { echo "gpu-check: cannot unpack ${prebuilt}/prebuilt.tgz" >&2; exit 2; }
-    prebuilt=${unpacked}
-  fi
-  paths="${prebuilt}/KVC_PREBUILT_PATHS"
-  [[ -f ${paths} ]] || { echo "gpu-check: ${paths} missing (scripts/pack-prebuilt.sh)" >&2; exit 2; }
-  source_path=$(sed -n 1p "${paths}")
-  build_path=$(sed -n 2p "${paths}")
-  prebuilt=$(cd "${prebuilt}" && pwd)
-  if [[ ${source_path} != "${PWD}" ]]; then
-    mkdir -p "$(dirname "${source_path}")" && ln -sfn "${PWD}" "${source_path}" ||
-      { echo "gpu-check: cannot link ${source_path} to ${PWD}" >&2; exit 2; }
-  fi
-  if [[ -d ${build_path} && ! -L ${build_path} ]]; then
-    # A real build lives there (this is the machine it was built on): use it as it is.
-    echo "gpu-check: ${build_path} exists: using it instead of ${prebuilt}"
-  else
-    ln -sfn "${prebuilt}" "${build_path}" ||
-      { echo "gpu-check: cannot link ${build_path} to ${prebuilt}" >&2; exit 2; }
-  fi
-  build_dir=${build_path}
+  kvc_use_prebuilt "${prebuilt}" || exit 2  # sets build_dir
 fi
 
 # run_phase NAME COMMAND...: runs COMMAND with its output in $OUT/NAME.log, records the result.
