@@ -15,7 +15,7 @@
 // the median is reported. Counters: us, tokens_per_s, TFLOPs (causal attention FLOPs
 // 4 * Hq * D * T (T + 1) / 2 per chunk, also for DMC whose mask hides keys but whose kernel
 // still visits the causal tiles), store_us, store_share, compression (DMC: tokens / slots).
-// Not run on a device yet.
+// Measured on an H200: benchmarks/RESULTS.md.
 #include <cstdint>
 #include <cstdio>
 #include <memory>
