@@ -93,7 +93,7 @@ struct Shape {
   int batch = 64;
   int length = 4096;  // tokens per head before compression
   bool graph = false;
-  int split_waves = 0;      // DecodeParams::split (0: the library default)
+  int split_waves = 0;  // DecodeParams::split (0: the library default)
   int split_min_chunk = 0;
 
   std::string key() const {

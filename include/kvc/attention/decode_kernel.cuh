@@ -334,7 +334,8 @@ KVC_GLOBAL void __launch_bounds__(DecodeTraits<T, kHeadDim, kGroupSize>::kThread
     // in flight per thread, so a head of n chunks costs about n / kBatch memory latencies.
     constexpr int kBatch = 8;
     constexpr int kVectors = kGroupElems / 4;
-    float4 const* partials = reinterpret_cast<float4 const*>(ws.partial_out) + static_cast<long long>(item.partial) * kVectors;
+    float4 const* partials = reinterpret_cast<float4 const*>(ws.partial_out) +
+                             static_cast<long long>(item.partial) * kVectors;
     T* const out = args.out + q_row0 * kHeadDim;
     for (int v = tid; v < kVectors; v += kThreads) {
       int const h = (4 * v) / kHeadDim;
@@ -343,7 +344,8 @@ KVC_GLOBAL void __launch_bounds__(DecodeTraits<T, kHeadDim, kGroupSize>::kThread
         float4 x[kBatch];
 #pragma unroll
         for (int u = 0; u < kBatch; ++u) {
-          x[u] = c0 + u < chunks ? __ldcg(partials + static_cast<long long>(c0 + u) * kVectors + v) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+          x[u] = c0 + u < chunks ? __ldcg(partials + static_cast<long long>(c0 + u) * kVectors + v)
+                                 : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         }
 #pragma unroll
         for (int u = 0; u < kBatch; ++u) {

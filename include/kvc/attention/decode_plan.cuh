@@ -31,9 +31,11 @@ inline constexpr int kChunkQuantum = 64;   //!< chunk sizes and boundaries are m
 inline constexpr int kMaxSplits = 64;      //!< most chunks one head is split into
 inline constexpr int kTargetWaves = 4;     //!< most chunks per CTA the plan may aim for
 // Defaults measured on an H200 (benchmarks/RESULTS.md, 2026-12-03): one chunk per CTA and
-// chunks of at least 256 slots beat 4 waves of 64-slot chunks on every GQA, DMC-mix and
-// small-batch shape (fewer split-KV merges and item epilogues), and tie on dense MHA.
-inline constexpr int kDefaultWaves = 1;      //!< chunks per CTA aimed for by default
+// chunks of at least 256 slots beat 4 waves of 64-slot chunks on every GQA shape, on DMC mixes
+// under GQA and on small batches (fewer split-KV merges and item epilogues), tie on dense MHA,
+// and lose on heavily ragged MHA (DMC mix B at 32/32 heads: 216 against 192 us), where the finer
+// split balances the CTAs better; DecodeParams::split chooses per call.
+inline constexpr int kDefaultWaves = 1;       //!< chunks per CTA aimed for by default
 inline constexpr int kDefaultMinChunk = 256;  //!< smallest chunk by default (slots)
 inline constexpr int kPlanThreads = 1024;  //!< the plan kernel's single block
 
@@ -121,8 +123,8 @@ struct DecodePlanArgs {
   int max_seqs = 0;
   int max_length = 0;  //!< max_pages_per_head * page_size: lengths are clamped to [0, max_length]
   int grid = 0;        //!< CTAs of the persistent attention kernel
-  int waves = kDefaultWaves;          //!< chunks per CTA aimed for, 1..kTargetWaves
-  int min_chunk = kDefaultMinChunk;   //!< smallest chunk, a multiple of kChunkQuantum
+  int waves = kDefaultWaves;         //!< chunks per CTA aimed for, 1..kTargetWaves
+  int min_chunk = kDefaultMinChunk;  //!< smallest chunk, a multiple of kChunkQuantum
   DecodeWorkspace ws{};
 };
 
