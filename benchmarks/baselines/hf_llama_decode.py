@@ -114,15 +114,19 @@ def run_mode(mode, model, config, batch, context, steps, warmup):
             position.add_(1)
     elif mode == "graph":
         static_ids = input_ids.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm the allocator outside capture
-            for _ in range(2):
-                step(static_ids, position)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out = step(static_ids, position)
+        # The cache's tensors were made in inference mode (prefill): warm-up and capture must run
+        # in it too, or the cache update is refused ("Inplace update to inference tensor outside
+        # InferenceMode", seen on an H200 with torch 2.11 / transformers 5.17).
+        with torch.inference_mode():
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm the allocator outside capture
+                for _ in range(2):
+                    step(static_ids, position)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = step(static_ids, position)
 
         def one_step():
             graph.replay()

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# One device call that does everything the GPU machine is needed for, in an order that keeps the
+# timings clean: GPU tests and the examples' GPU paths, then the microbenchmarks (with the SDPA
+# baselines), then the end-to-end suite, and only then compute-sanitizer (its jobs are slow and
+# share the GPU: run before or beside the benchmarks they would slow them down, as happened once
+# on 2026-12-03). Each phase has its own time limit; logs, JSON and plots go to a scratch folder
+# that is packed into $OUT/session.tgz (the device tool returns 8 files at most).
+#
+# Usage (on the GPU machine, repository root, .devbuild and .devdeps carried):
+#   scripts/device-session.sh [--phases tests,bench,suite,sanitize] [--prebuilt DIR]
+#                             [--limits T,B,S,Z]
+#   --phases   which phases, always run in the order above (default: all four)
+#   --prebuilt build packed by scripts/pack-prebuilt.sh (default: .devbuild)
+#   --limits   seconds for tests, bench, suite, sanitize (default: 170,120,220,200); the
+#              sanitizer jobs get the sanitize limit each and run 10 at a time
+# Prints the phases' summaries last.
+set -uo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
+phases="tests,bench,suite,sanitize"
+prebuilt=.devbuild
+limits="170,120,220,200"
+while (($# > 0)); do
+  case "$1" in
+    --phases) phases=${2:?--phases needs a list}; shift ;;
+    --prebuilt) prebuilt=${2:?--prebuilt needs a directory}; shift ;;
+    --limits) limits=${2:?--limits needs four numbers}; shift ;;
+    -h | --help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "device-session: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+IFS=, read -r limit_tests limit_bench limit_suite limit_sanitize <<<"${limits}"
+has_phase() { [[ ",${phases}," == *",$1,"* ]]; }
+
+final_out=${OUT:-./out}
+mkdir -p "${final_out}"
+final_out=$(cd "${final_out}" && pwd)
+scratch=$(mktemp -d "${TMPDIR:-/tmp}/kvc-session.XXXXXX")
+export OUT="${scratch}"
+# The sanitizer needs the build directory the packed CTest files name.
+# shellcheck source=scripts/lib/common.sh
+source scripts/lib/common.sh
+kvc_prepare_env
+kvc_use_prebuilt "${prebuilt}" >/dev/null || exit 2  # sets build_dir
+
+status=0
+phase() {  # phase NAME LIMIT COMMAND...: output in $scratch/NAME.txt
+  local name=$1 limit=$2
+  shift 2
+  echo "=== ${name} (limit ${limit} s)"
+  timeout "${limit}" "$@" >"${scratch}/${name}.txt" 2>&1 || status=1
+}
+if has_phase tests; then
+  phase tests "${limit_tests}" scripts/gpu-check.sh --prebuilt "${prebuilt}" --no-bench \
+    --jobs 16 --test-timeout "$((limit_tests - 10))"
+fi
+if has_phase bench; then
+  phase bench "${limit_bench}" scripts/gpu-check.sh --prebuilt "${prebuilt}" --no-tests \
+    --bench-timeout "$((limit_bench - 20))"
+fi
+if has_phase suite; then
+  export KVC_BASELINE_TIMEOUT=$((limit_suite / 2))
+  phase suite "${limit_suite}" scripts/bench-suite.sh --prebuilt "${prebuilt}" \
+    --parts baseline,budget,fixed,plots
+fi
+if has_phase sanitize; then
+  export KVC_STORE_TEST_STEPS=20
+  phase sanitize "$((limit_sanitize + 30))" scripts/gpu-sanitize.sh \
+    --build-dir "${build_dir}" --tools "memcheck racecheck" --parallel 10 \
+    --timeout "${limit_sanitize}"
+fi
+
+tar -czf "${final_out}/session.tgz" -C "${scratch}" . || status=1
+for name in tests bench suite sanitize; do
+  [[ -f ${scratch}/${name}.txt ]] || continue
+  echo
+  echo "=== ${name}: last lines"
+  tail -n 25 "${scratch}/${name}.txt"
+done
+exit "${status}"
