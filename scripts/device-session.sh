@@ -38,7 +38,7 @@ mkdir -p "${final_out}"
 final_out=$(cd "${final_out}" && pwd)
 scratch=$(mktemp -d "${TMPDIR:-/tmp}/kvc-session.XXXXXX")
 export OUT="${scratch}"
-# The sanitizer needs the build directory the packed CTest files name.
+# Unpacked and linked once here; every phase then runs on that build directory.
 # shellcheck source=scripts/lib/common.sh
 source scripts/lib/common.sh
 kvc_prepare_env
@@ -52,16 +52,16 @@ phase() {  # phase NAME LIMIT COMMAND...: output in $scratch/NAME.txt
   timeout "${limit}" "$@" >"${scratch}/${name}.txt" 2>&1 || status=1
 }
 if has_phase tests; then
-  phase tests "${limit_tests}" scripts/gpu-check.sh --prebuilt "${prebuilt}" --no-bench \
+  phase tests "${limit_tests}" scripts/gpu-check.sh --skip-build --build-dir "${build_dir}" --no-bench \
     --jobs 16 --test-timeout "$((limit_tests - 10))"
 fi
 if has_phase bench; then
-  phase bench "${limit_bench}" scripts/gpu-check.sh --prebuilt "${prebuilt}" --no-tests \
+  phase bench "${limit_bench}" scripts/gpu-check.sh --skip-build --build-dir "${build_dir}" --no-tests \
     --bench-timeout "$((limit_bench - 20))"
 fi
 if has_phase suite; then
   export KVC_BASELINE_TIMEOUT=$((limit_suite / 2))
-  phase suite "${limit_suite}" scripts/bench-suite.sh --prebuilt "${prebuilt}" \
+  phase suite "${limit_suite}" scripts/bench-suite.sh --skip-build --build-dir "${build_dir}" \
     --parts baseline,budget,fixed,plots
 fi
 if has_phase sanitize; then
