@@ -52,12 +52,12 @@ phase() {  # phase NAME LIMIT COMMAND...: output in $scratch/NAME.txt
   timeout "${limit}" "$@" >"${scratch}/${name}.txt" 2>&1 || status=1
 }
 if has_phase tests; then
-  phase tests "${limit_tests}" scripts/gpu-check.sh --skip-build --build-dir "${build_dir}" --no-bench \
-    --jobs 16 --test-timeout "$((limit_tests - 10))"
+  phase tests "${limit_tests}" scripts/gpu-check.sh --skip-build --build-dir "${build_dir}" \
+    --no-bench --jobs 16 --test-timeout "$((limit_tests - 10))"
 fi
 if has_phase bench; then
-  phase bench "${limit_bench}" scripts/gpu-check.sh --skip-build --build-dir "${build_dir}" --no-tests \
-    --bench-timeout "$((limit_bench - 20))"
+  phase bench "${limit_bench}" scripts/gpu-check.sh --skip-build --build-dir "${build_dir}" \
+    --no-tests --bench-timeout "$((limit_bench - 20))"
 fi
 if has_phase suite; then
   export KVC_BASELINE_TIMEOUT=$((limit_suite / 2))
