@@ -95,6 +95,7 @@ struct Shape {
   bool graph = false;
   int split_waves = 0;  // DecodeParams::split (0: the library default)
   int split_min_chunk = 0;
+  int split_schedule = 0;  // DecodeParams::split.schedule (0: default, 2: greedy)
 
   std::string key() const {
     return std::string(mix_name(mix)) + "_" + std::to_string(q_heads) + "x" +
@@ -102,7 +103,8 @@ struct Shape {
            (graph ? "_graph" : "") +
            (split_waves > 0 || split_min_chunk > 0
                 ? "_w" + std::to_string(split_waves) + "_c" + std::to_string(split_min_chunk)
-                : "");
+                : "") +
+           (split_schedule == 2 ? "_greedy" : "");
   }
   int group_size() const { return kv_heads > 0 ? q_heads / kv_heads : 0; }
   bool supported() const {
@@ -327,6 +329,7 @@ std::string build_state(Shape const& shape, ShapeState& s) {
     p.lse = s.lse.data;
     p.split.waves = shape.split_waves;
     p.split.min_chunk = shape.split_min_chunk;
+    p.split.schedule = shape.split_schedule;
   }
   std::size_t workspace_bytes = 0;
   SETUP_STATUS(kvc::decode_attention_workspace_size(s.calls[0], workspace_bytes));
@@ -493,16 +496,25 @@ int main(int argc, char** argv) {
   }
 
   // Split policy (DecodeParams::split) against the default: every shape above once more with
-  // larger chunks (min_chunk 1024), and the small calls with the old default (4 waves, 64).
+  // the greedy schedule, with larger chunks (min_chunk 1024; also greedy), and the small calls
+  // and ragged MHA with the old default (4 waves, 64; also greedy).
   std::vector<Shape> const main_shapes = g_shapes;
   for (Shape shape : main_shapes) {
     if (shape.graph) continue;
+    shape.split_schedule = 2;
+    add(shape);
+    shape.split_schedule = 0;
     shape.split_waves = 1;
     shape.split_min_chunk = 1024;
     add(shape);
-    if (shape.batch <= 8) {
+    shape.split_schedule = 2;
+    add(shape);
+    if (shape.batch <= 8 || (shape.mix != Mix::kFull && shape.kv_heads == shape.q_heads)) {
+      shape.split_schedule = 0;
       shape.split_waves = 4;
       shape.split_min_chunk = 64;
+      add(shape);
+      shape.split_schedule = 2;
       add(shape);
     }
   }

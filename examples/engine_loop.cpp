@@ -577,6 +577,7 @@ class GpuEngine : public Engine {
     config.policy = policy;
     config.max_seqs = o.batch;
     config.max_tokens_per_seq = o.prompt + o.gen + 1;
+    config.max_prefill_tokens = o.prompt;  // one prompt per prefill step
     ok_ = kvc_ok(kvc::KVCache::create(config, stream_, cache_), "KVCache::create") &&
           q16_ != nullptr && out16_ != nullptr && lm_head_ != nullptr;
   }
@@ -590,16 +591,20 @@ class GpuEngine : public Engine {
     if (!kvc_ok(cache_.add_sequence(id, stream_), "add_sequence")) return false;
     int const t = static_cast<int>(prompt.size());
     if (!embed(prompt)) return false;
+    if (!kvc_ok(cache_.begin_prefill(&id, &t, 1, stream_), "begin_prefill")) return false;
     for (std::size_t l = 0; l < blocks_.size(); ++l) {
       if (!block(l, t, [&] {
             return kvc_ok(
-                cache_.prefill_layer(id, static_cast<int>(l), t, q16_, k16_, v16_, out16_, stream_),
+                cache_.prefill_layer(static_cast<int>(l), q16_, k16_, v16_, out16_, stream_),
                 "prefill_layer");
           })) {
         return false;
       }
     }
-    if (!kvc_ok(cache_.step_status_sync(), "prefill (device)")) return false;
+    if (!kvc_ok(cache_.end_prefill(stream_), "end_prefill") ||
+        !kvc_ok(cache_.step_status_sync(), "prefill (device)")) {
+      return false;
+    }
     std::vector<int> first;
     if (!sample(t - 1, 1, first)) return false;
     next = first[0];

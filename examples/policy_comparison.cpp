@@ -10,11 +10,12 @@
 //
 // GPU path: in a CUDA build (the file compiled by nvcc, KVC_EXAMPLE_CUDA=1) and with a CUDA
 // device present, every policy also runs through kvc's GPU path (kvc::BasicKVCache: the paged
-// store and decode attention; the prompt goes in token by token) and the program reports the
-// largest difference from the CPU reference. Decode attention is compiled here for the one
+// store, the parallel prefill and decode attention) and the program reports the largest
+// difference from the CPU reference. Decode and prefill attention are compiled here for the one
 // configuration the demo needs (bf16, head dim 64, G = 4), so building the demo alone stays
 // quick; the pooled GQA rows (G = 16, which has no kernel) use the double-precision oracle
-// attention. Without a device (or with --device cpu) the program is the CPU reference only.
+// decode attention and feed the prompt as decode steps (exact for their policies, Full and
+// DMC). Without a device (or with --device cpu) the program is the CPU reference only.
 //
 // Usage: kvc_policy_comparison [--tokens N] [--seed S] [--device cpu|gpu|auto] [--help]
 #include <algorithm>
@@ -251,10 +252,9 @@ bool check(Status status, char const* what) {
   return false;
 }
 
-//! Prefills the first `prompt` tokens (or, with `sequential_prompt`, feeds them as decode steps
-//! too, as the GPU path's interim prefill does), then decodes the rest one token at a time.
+//! Prefills the first `prompt` tokens, then decodes the rest one token at a time.
 bool run_policy(char const* name, Stream const& stream, PolicyConfig const& config, int prompt,
-                Run& run, bool sequential_prompt = false) {
+                Run& run) {
   auto const start = std::chrono::steady_clock::now();
   LayerSpec const spec = spec_for(stream);
   run.name = name;
@@ -265,16 +265,7 @@ bool run_policy(char const* name, Stream const& stream, PolicyConfig const& conf
   PrefillInput const chunk{prompt, ConstSpan(stream.q.data(), prompt * qn),
                            ConstSpan(stream.k.data(), prompt * kn),
                            ConstSpan(stream.v.data(), prompt * kn)};
-  if (sequential_prompt) {
-    for (int t = 0; t < prompt; ++t) {
-      DecodeInput const token{ConstSpan(stream.q.data() + t * qn, qn),
-                              ConstSpan(stream.k.data() + t * kn, kn),
-                              ConstSpan(stream.v.data() + t * kn, kn)};
-      if (!check(run.cache.decode_step(token, output), name)) return false;
-    }
-  } else if (!check(run.cache.prefill(chunk, output), name)) {
-    return false;
-  }
+  if (!check(run.cache.prefill(chunk, output), name)) return false;
   run.outputs.clear();
   run.outputs.reserve((stream.tokens - prompt) * qn);
   for (int t = prompt; t < stream.tokens; ++t) {
@@ -328,10 +319,10 @@ bool gpu_check(kvc::Status status, char const* what) {
   return false;
 }
 
-//! Runs `stream` through a BasicKVCache<Attention>: the prompt with prefill_layer (token by
-//! token), then one decode step per token; compares the decode outputs and the final slots with
-//! `reference` (a CPU run fed the same way).
-template <class Attention>
+//! Runs `stream` through a BasicKVCache<Attention, Prefill>: the prompt with prefill_layer, then
+//! one decode step per token; compares the decode outputs and the final slots with `reference`
+//! (the CPU run of the same policy).
+template <class Attention, class Prefill>
 bool run_gpu(Stream const& stream, PolicyConfig const& config, int prompt, Run const& reference,
              GpuResult& result) {
   auto const start = std::chrono::steady_clock::now();
@@ -367,10 +358,12 @@ bool run_gpu(Stream const& stream, PolicyConfig const& config, int prompt, Run c
   cache_config.policy = config;
   cache_config.max_seqs = 1;
   cache_config.max_tokens_per_seq = stream.tokens;
-  kvc::BasicKVCache<Attention> cache;
+  cache_config.max_prefill_tokens = prompt;
+  using Cache = kvc::BasicKVCache<Attention, Prefill>;
+  Cache cache;
   int seq = -1;
   bool ok =
-      gpu_check(kvc::BasicKVCache<Attention>::create(cache_config, cuda_stream, cache), "create") &&
+      gpu_check(Cache::create(cache_config, cuda_stream, cache), "create") &&
       gpu_check(cache.add_sequence(seq, cuda_stream), "add_sequence") &&
       gpu_check(cache.prefill_layer(seq, 0, prompt, q, k, v, outputs, cuda_stream),
                 "prefill_layer");
@@ -408,17 +401,23 @@ bool run_gpu(Stream const& stream, PolicyConfig const& config, int prompt, Run c
   return true;
 }
 
-//! Runs one policy on the GPU with the attention that has a kernel for its shape.
+//! Runs one policy on the GPU with the attention that has a kernel for its shape: the decode and
+//! prefill kernels compiled here for G = 4, else the double-precision decode oracle with the
+//! prompt fed as decode steps (exact for Full and DMC, the only policies run on the pooled
+//! G = 16 stream).
 bool run_gpu_policy(Stream const& stream, PolicyConfig const& config, int prompt,
                     Run const& reference, GpuResult& result) {
-  if (kQHeads / stream.kv_heads == 4) {
-    result.attention = "kernel";
-    return run_gpu<kvc::InstantiatedDecodeAttention<kvc::DefaultVariant, __nv_bfloat16, kHeadDim,
-                                                    kQHeads / kKvHeads>>(stream, config, prompt,
-                                                                         reference, result);
+  constexpr int kGroup = kQHeads / kKvHeads;
+  if (kQHeads / stream.kv_heads == kGroup) {
+    result.attention = "kernels";
+    return run_gpu<
+        kvc::InstantiatedDecodeAttention<kvc::DefaultVariant, __nv_bfloat16, kHeadDim, kGroup>,
+        kvc::InstantiatedPrefillAttention<kvc::DefaultVariant, __nv_bfloat16, kHeadDim, kGroup>>(
+        stream, config, prompt, reference, result);
   }
   result.attention = "oracle (G=" + std::to_string(kQHeads / stream.kv_heads) + ")";
-  return run_gpu<kvc::OracleDecodeAttention>(stream, config, prompt, reference, result);
+  return run_gpu<kvc::OracleDecodeAttention, kvc::DecodePathPrefill>(stream, config, prompt,
+                                                                     reference, result);
 }
 
 #endif  // KVC_EXAMPLE_CUDA
@@ -507,18 +506,12 @@ int main(int argc, char** argv) {
   if (!use_gpu) return 0;
 
 #if KVC_EXAMPLE_CUDA
-  // The GPU path of every policy against the reference fed the same way. Full and DMC: the
-  // rows above (token-by-token and parallel prefill agree). H2O and TOVA: the prompt fed as
-  // decode steps on the CPU too (kvc::KVCache's interim prefill), which keeps the top tokens
-  // step by step rather than over the whole prompt.
-  Run h2o_steps;
-  Run tova_steps;
-  if (!run_policy("h2o", plain, h2o, prompt, h2o_steps, true)) return 1;
-  if (!run_policy("tova", plain, tova, prompt, tova_steps, true)) return 1;
+  // The GPU path of every policy against the reference runs above (the same prefill, then the
+  // same decode steps).
   Stream const* streams[6] = {&plain, &pooled, &with_decisions, &pooled_decisions, &plain, &plain};
   PolicyConfig const* configs[6] = {&full, &full, &dmc, &dmc, &h2o, &tova};
-  Run const* references[6] = {&runs[0], &runs[1], &runs[2], &runs[3], &h2o_steps, &tova_steps};
-  std::printf("\nGPU (kvc::BasicKVCache: paged store + decode attention) vs CPU reference:\n");
+  Run const* references[6] = {&runs[0], &runs[1], &runs[2], &runs[3], &runs[4], &runs[5]};
+  std::printf("\nGPU (kvc::BasicKVCache) vs CPU reference:\n");
   std::printf("%-14s %-14s %12s %10s %8s %7s\n", "policy", "attention", "max |diff|", "bf16 tol.",
               "slots", "time s");
   bool all_ok = true;

@@ -1,9 +1,10 @@
 //! @file
 //! Helpers of the paged-store GPU tests (the device check is in cuda_test_support.cuh): RAII
 //! device buffers, dtype conversions, a host snapshot of the whole store gathered through the
-//! page tables, page-accounting checks, and a generic random continuous-batching run that drives
+//! page tables, page-accounting checks, a generic random continuous-batching run that drives
 //! the store (prepare, update, oracle attention, evict) and the CPU reference of a policy side by
-//! side and compares everything after every step.
+//! side and compares everything after every step, and comparisons of a (layer, sequence) of the
+//! store with a reference::LayerCache.
 #pragma once
 
 #include <algorithm>
@@ -13,6 +14,7 @@
 #include <random>
 #include <string>
 #include <utility>
+#include <variant>
 #include <vector>
 
 #include <cuda_runtime.h>
@@ -23,6 +25,7 @@
 #include "kvc/cache/paged_store.cuh"
 #include "kvc/core/dtype_traits.hpp"
 #include "kvc/reference/dmc_state.hpp"
+#include "kvc/reference/layer_cache.hpp"
 #include "kvc/reference/types.hpp"
 
 #include "cuda_test_support.cuh"
@@ -294,20 +297,8 @@ inline reference::LayerSpec layer_spec(PagedStoreConfig const& config) {
 #define KVC_STORE_TEST_DTYPES float, half, __nv_bfloat16
 #endif
 
-//! Steps of a random run: `steps`, or fewer when KVC_STORE_TEST_STEPS is set (for slow tools
-//! such as compute-sanitizer's racecheck; coverage checks are then skipped, see full_runs()).
-inline int run_steps(int steps) {
-  if (char const* cap = std::getenv("KVC_STORE_TEST_STEPS")) {
-    int const limit = std::atoi(cap);
-    if (limit > 0 && limit < steps) return limit;
-  }
-  return steps;
-}
-
-//! False when KVC_STORE_TEST_STEPS shortens the runs.
-inline bool full_runs() {
-  return std::getenv("KVC_STORE_TEST_STEPS") == nullptr;
-}
+// run_steps() and full_runs() (KVC_STORE_TEST_STEPS, the sanitizer-size mode) are in
+// test_support.hpp, shared with the attention tests.
 
 //! One random continuous-batching scenario.
 struct RunCase {
@@ -748,6 +739,55 @@ void check_exact_pages(StoreSnapshot<T> const& snap, int layer, int slot, std::s
                                                           << ": " << snap.page_counts[head]
                                                           << " pages for " << length << " slots");
   }
+}
+
+//! Scores computed from the attention kernels' fp32 probabilities (the store prefill's column
+//! sums and last rows, the decode kernels' score hook) against the reference's double-based
+//! ones.
+inline constexpr Tolerance kKernelScoreTolerance{1e-5, 1e-4};
+
+//! Tokens seen and every KV head of (layer, slot) against the reference's LayerCache: lengths and
+//! positions exactly, keys and values with the dtype's tolerance, scores within
+//! kKernelScoreTolerance (TOVA's layer scores are in KV head 0 only).
+template <class T>
+void compare_cached_heads(StoreSnapshot<T> const& snap, int layer, int slot,
+                          reference::LayerCache const& cache, std::string const& where) {
+  REQUIRE_MESSAGE(snap.tokens_seen[static_cast<std::size_t>(snap.dims.layer_seq(layer, slot))] ==
+                      cache.tokens_seen(),
+                  where << ": tokens seen");
+  for (int h = 0; h < snap.dims.num_kv_heads; ++h) {
+    reference::HeadCache want = cache.heads()[static_cast<std::size_t>(h)];
+    if (cache.kind() == PolicyKind::kTova && h > 0) want.score.clear();  // head 0 holds them
+    compare_head(snap.head(layer, slot, h), want, snap.config.dtype,
+                 where + " kv head " + std::to_string(h), kKernelScoreTolerance);
+  }
+}
+
+//! The whole reference state of (layer, slot) against the store: compare_cached_heads, DMC's
+//! running state, and exact page counts (right after a prefill or a step without eviction).
+template <class T>
+void compare_layer(StoreSnapshot<T> const& snap, int layer, int slot,
+                   reference::LayerCache const& cache, std::string const& what) {
+  std::string const where =
+      what + " layer " + std::to_string(layer) + " slot " + std::to_string(slot);
+  compare_cached_heads(snap, layer, slot, cache, where);
+  if (auto const* dmc = std::get_if<reference::DmcLayerState>(&cache.state())) {
+    compare_dmc_state(snap, layer, slot, dmc->dmc, {1e-6, 1e-6}, where);
+  }
+  check_exact_pages(snap, layer, slot, where);
+}
+
+//! The store after a step that must have succeeded: the step report says so, and every page is
+//! accounted for.
+template <class T>
+StoreSnapshot<T> snapshot_after_success(PagedStore const& store, cudaStream_t stream) {
+  StepReport report;
+  KVC_STATUS_REQUIRE(store.copy_step_report_async(&report, nullptr, 0, stream));
+  KVC_CUDA_REQUIRE(cudaStreamSynchronize(stream));
+  REQUIRE(step_status(report) == Status::kSuccess);
+  StoreSnapshot<T> snap = take_snapshot<T>(store, stream);
+  check_page_accounting(snap);
+  return snap;
 }
 
 }  // namespace kvc::test

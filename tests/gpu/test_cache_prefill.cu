@@ -70,54 +70,6 @@ PagedStoreConfig prefill_config(PrefillCase const& c, DType dtype) {
   return config;
 }
 
-//! Slots, positions and scores of a gathered head against the reference's (scores within a
-//! tolerance that covers the attention's fp32 column sums).
-void compare_prefill_head(reference::HeadCache const& got, reference::HeadCache const& want,
-                          DType dtype, std::string const& what) {
-  test::compare_head(got, want, dtype, what, {1e-5, 1e-4});
-}
-
-//! Tokens seen and every KV head of (layer, slot) against the reference's LayerCache.
-template <class T>
-void compare_cached_heads(test::StoreSnapshot<T> const& snap, int layer, int slot,
-                          reference::LayerCache const& cache, std::string const& where) {
-  REQUIRE_MESSAGE(snap.tokens_seen[static_cast<std::size_t>(snap.dims.layer_seq(layer, slot))] ==
-                      cache.tokens_seen(),
-                  where << ": tokens seen");
-  for (int h = 0; h < snap.dims.num_kv_heads; ++h) {
-    reference::HeadCache want = cache.heads()[static_cast<std::size_t>(h)];
-    if (cache.kind() == PolicyKind::kTova && h > 0) want.score.clear();  // head 0 holds them
-    compare_prefill_head(snap.head(layer, slot, h), want, snap.config.dtype,
-                         where + " kv head " + std::to_string(h));
-  }
-}
-
-//! The whole reference state of (layer, slot) against the store.
-template <class T>
-void compare_layer(test::StoreSnapshot<T> const& snap, int layer, int slot,
-                   reference::LayerCache const& cache, std::string const& what) {
-  std::string const where =
-      what + " layer " + std::to_string(layer) + " slot " + std::to_string(slot);
-  compare_cached_heads(snap, layer, slot, cache, where);
-  if (auto const* dmc = std::get_if<reference::DmcLayerState>(&cache.state())) {
-    test::compare_dmc_state(snap, layer, slot, dmc->dmc, {1e-6, 1e-6}, where);
-  }
-  test::check_exact_pages(snap, layer, slot, where);
-}
-
-//! The store after a step that must have succeeded: the step report says so, and every page is
-//! accounted for.
-template <class T>
-test::StoreSnapshot<T> snapshot_after_success(PagedStore const& store, cudaStream_t stream) {
-  StepReport report;
-  KVC_STATUS_REQUIRE(store.copy_step_report_async(&report, nullptr, 0, stream));
-  KVC_CUDA_REQUIRE(cudaStreamSynchronize(stream));
-  REQUIRE(step_status(report) == Status::kSuccess);
-  test::StoreSnapshot<T> snap = test::take_snapshot<T>(store, stream);
-  test::check_page_accounting(snap);
-  return snap;
-}
-
 //! Sets every decision neuron well clear of the threshold: merge with `probability`.
 void shape_decisions(std::mt19937_64& rng, reference::LayerSpec const& spec, DmcConfig const& dmc,
                      double probability, std::vector<float>& k) {
@@ -275,18 +227,19 @@ bool run_prefill_case(PrefillCase const& c, std::mt19937_64& rng) {
         }
       }
     }
-    test::StoreSnapshot<T> const snap = snapshot_after_success<T>(store, stream.get());
+    test::StoreSnapshot<T> const snap = test::snapshot_after_success<T>(store, stream.get());
     for (int s = 0; s < seqs; ++s) {
       for (int l = 0; l < layers; ++l) {
-        compare_layer(snap, l, slots[static_cast<std::size_t>(s)],
+        test::compare_layer(snap, l, slots[static_cast<std::size_t>(s)],
                       ref[static_cast<std::size_t>(s)][static_cast<std::size_t>(l)], "prefill");
         if (config.has_dmc_state()) {
           reference::DmcLayerState const& state =
               sequential[static_cast<std::size_t>(s)][static_cast<std::size_t>(l)];
           for (int h = 0; h < hkv; ++h) {
-            compare_prefill_head(snap.head(l, slots[static_cast<std::size_t>(s)], h),
-                                 state.heads[static_cast<std::size_t>(h)], dtype,
-                                 "token by token, layer " + std::to_string(l));
+            test::compare_head(snap.head(l, slots[static_cast<std::size_t>(s)], h),
+                               state.heads[static_cast<std::size_t>(h)], dtype,
+                               "token by token, layer " + std::to_string(l),
+                               test::kKernelScoreTolerance);
           }
         }
       }
@@ -332,10 +285,10 @@ bool run_prefill_case(PrefillCase const& c, std::mt19937_64& rng) {
             default_tolerance(dtype), "decode layer " + std::to_string(l) + " out");
       }
     }
-    test::StoreSnapshot<T> const snap = snapshot_after_success<T>(store, stream.get());
+    test::StoreSnapshot<T> const snap = test::snapshot_after_success<T>(store, stream.get());
     for (int s = 0; s < seqs; ++s) {
       for (int l = 0; l < layers; ++l) {
-        compare_cached_heads(snap, l, slots[static_cast<std::size_t>(s)],
+        test::compare_cached_heads(snap, l, slots[static_cast<std::size_t>(s)],
                              ref[static_cast<std::size_t>(s)][static_cast<std::size_t>(l)],
                              "decode layer " + std::to_string(l));
       }
@@ -368,47 +321,67 @@ PrefillCase make_case(char const* name, PolicyKind kind, int group, int page_siz
 
 //! The sweep of every policy: group sizes 1/4/8, page sizes 1/16/64, chunk lengths from 1 to a
 //! few thousand (8k for fp32 in full runs), mixed batches, chunks appended to caches, idle rows.
+//! With KVC_STORE_TEST_STEPS set (compute-sanitizer runs, see test::full_runs()) the same cases
+//! and code paths run at sanitizer size: chunks of at most 70 tokens, H2O/TOVA budgets cut to
+//! match (the prefill cut still happens in first and in appended chunks), DMC groups still longer
+//! than the window, one layer (two in the "mha page 1" cases) and 1 decode step instead of 4.
 std::vector<PrefillCase> prefill_cases(DType dtype) {
   bool const full = test::full_runs();
+  // The rounds of a case: `big` in full runs, `small` at sanitizer size.
+  auto sized = [full](std::vector<std::vector<int>> big, std::vector<std::vector<int>> small) {
+    return full ? big : small;
+  };
   std::vector<PrefillCase> cases;
   for (PolicyKind kind :
        {PolicyKind::kFull, PolicyKind::kDmc, PolicyKind::kH2O, PolicyKind::kTova}) {
     // The CPU reference keeps H2O/TOVA's probabilities as [T * Hq][slots] floats: 2k tokens at
     // most there; Full and DMC go to 8k (one layer, fp32; 4k in the other dtypes) in full runs.
     bool const scored = kind == PolicyKind::kH2O || kind == PolicyKind::kTova;
-    int const longest = !full ? 600 : scored ? 2048 : dtype == DType::kF32 ? 8192 : 4096;
+    int const longest = scored ? 2048 : dtype == DType::kF32 ? 8192 : 4096;
     cases.push_back(make_case("mha page 1", kind, 1, 1, 64, mixed_rounds({1, 37, 5}, {3, 0, 40})));
-    cases.push_back(
-        make_case("gqa4 page 16", kind, 4, 16, 128, mixed_rounds({200, 1, 77}, {1, 150, 0})));
+    cases.push_back(make_case(
+        "gqa4 page 16", kind, 4, 16, 128,
+        sized(mixed_rounds({200, 1, 77}, {1, 150, 0}), mixed_rounds({40, 1, 20}, {1, 30, 0}))));
     cases.push_back(make_case("gqa8 page 64", kind, 8, 64, 64,
-                              mixed_rounds({longest, 300, 64}, {129, 1, 700})));
-    if (longest > 2048) cases.back().layers = 1;
+                              sized(mixed_rounds({longest, 300, 64}, {129, 1, 700}),
+                                    mixed_rounds({70, 30, 64}, {9, 1, 60}))));
+    if (full && longest > 2048) cases.back().layers = 1;
   }
   for (PrefillCase& c : cases) {
-    c.policy.h2o = H2OConfig{48, 16};
-    c.policy.tova = TovaConfig{64, false};
+    c.policy.h2o = full ? H2OConfig{48, 16} : H2OConfig{12, 4};
+    c.policy.tova = TovaConfig{full ? 64 : 16, false};
     if (c.group == 8) c.kv_heads = 1;
   }
   // DMC without a window (paper mode, interleaved RoPE), and long runs of merges.
-  PrefillCase paper = make_case("dmc paper gqa4 page 16", PolicyKind::kDmc, 4, 16, 64,
-                                mixed_rounds({333, 12, 1}, {90, 1, 200}));
+  PrefillCase paper = make_case(
+      "dmc paper gqa4 page 16", PolicyKind::kDmc, 4, 16, 64,
+      sized(mixed_rounds({333, 12, 1}, {90, 1, 200}), mixed_rounds({45, 12, 1}, {20, 1, 30})));
   paper.policy.dmc = DmcConfig::paper();
   paper.rope.layout = RopeLayout::kInterleaved;
   paper.merge_probability = 0.7;
   cases.push_back(paper);
   PrefillCase merging =
-      make_case("dmc long groups", PolicyKind::kDmc, 1, 16, 64, mixed_rounds({500, 40}, {7, 300}));
+      make_case("dmc long groups", PolicyKind::kDmc, 1, 16, 64,
+                sized(mixed_rounds({500, 40}, {7, 300}), mixed_rounds({48, 20}, {7, 40})));
   merging.merge_probability = 0.97;
   cases.push_back(merging);
   // H2O without a recent window, TOVA protecting the newcomer (prefill ignores it).
   PrefillCase h2o =
-      make_case("h2o no recent", PolicyKind::kH2O, 4, 16, 64, mixed_rounds({100, 3}, {50, 90}));
-  h2o.policy.h2o = H2OConfig{40, 0};
+      make_case("h2o no recent", PolicyKind::kH2O, 4, 16, 64,
+                sized(mixed_rounds({100, 3}, {50, 90}), mixed_rounds({30, 3}, {20, 25})));
+  h2o.policy.h2o = H2OConfig{full ? 40 : 12, 0};
   cases.push_back(h2o);
   PrefillCase tova =
-      make_case("tova protect new", PolicyKind::kTova, 1, 1, 64, mixed_rounds({30, 70}, {20, 1}));
-  tova.policy.tova = TovaConfig{32, true};
+      make_case("tova protect new", PolicyKind::kTova, 1, 1, 64,
+                sized(mixed_rounds({30, 70}, {20, 1}), mixed_rounds({30, 20}, {10, 1})));
+  tova.policy.tova = TovaConfig{full ? 32 : 16, true};
   cases.push_back(tova);
+  if (!full) {
+    for (PrefillCase& c : cases) {
+      c.decode_steps = 1;
+      if (std::string(c.name) != "mha page 1") c.layers = 1;  // two layers in 4 cases
+    }
+  }
   return cases;
 }
 
@@ -602,8 +575,8 @@ TEST_SUITE("gpu") {
         reference::AttentionOutput want;
         KVC_STATUS_REQUIRE(cache.prefill(input, want));
         test::require_close(got, want.out, default_tolerance(config.dtype), "retry out");
-        test::StoreSnapshot<T> const after = snapshot_after_success<T>(store, stream.get());
-        compare_layer(after, l, slots[0], cache, "retry");
+        test::StoreSnapshot<T> const after = test::snapshot_after_success<T>(store, stream.get());
+        test::compare_layer(after, l, slots[0], cache, "retry");
       }
     }
   }

@@ -61,7 +61,8 @@ struct DecodeCase {
            " G=" + std::to_string(group) + " Hkv=" + std::to_string(num_kv_heads) +
            " page=" + std::to_string(page_size) + " B=" + std::to_string(batch) +
            (split.waves > 0 ? " waves=" + std::to_string(split.waves) : "") +
-           (split.min_chunk > 0 ? " min_chunk=" + std::to_string(split.min_chunk) : "");
+           (split.min_chunk > 0 ? " min_chunk=" + std::to_string(split.min_chunk) : "") +
+           (split.schedule > 0 ? " schedule=" + std::to_string(split.schedule) : "");
   }
 };
 
@@ -387,6 +388,8 @@ TEST_SUITE("gpu") {
             // heads above 64 slots then go through the last-CTA merge.
             c.split = {4, 64};
             run_and_check(c, rng, guard.stream);
+            c.split = {4, 64, 2};  // the same, CTAs claiming items greedily
+            run_and_check(c, rng, guard.stream);
           }
         }
       }
@@ -444,6 +447,15 @@ TEST_SUITE("gpu") {
         run_and_check(c, rng, guard.stream);
         c.split = {1, 1024};
         run_and_check(c, rng, guard.stream);
+        // Both schedules forced (the default picks one by items per CTA): snake, and greedy
+        // (the work list claimed through an atomic counter), on the same lengths: every item
+        // done exactly once, whichever CTA takes it.
+        for (int schedule : {1, 2}) {
+          for (int waves : {0, 4}) {
+            c.split = {waves, waves == 4 ? 64 : 0, schedule};
+            run_and_check(c, rng, guard.stream);
+          }
+        }
       }
     }
   }
@@ -647,6 +659,9 @@ TEST_SUITE("gpu") {
     params = valid;
     params.split.min_chunk = -64;
     expect(params, Status::kErrorInvalidArgument, "split min_chunk -64");
+    params = valid;
+    params.split.schedule = 3;
+    expect(params, Status::kErrorInvalidArgument, "split schedule 3");
     params = valid;
     params.cache.head_dim = 96;
     expect(params, Status::kErrorNotSupported, "head dim 96");

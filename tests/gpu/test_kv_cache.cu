@@ -43,6 +43,8 @@ KVCacheConfig base_config(PolicyKind kind) {
   config.max_batch = 4;
   config.max_tokens_per_seq = 96;
   config.page_size = 16;
+  config.max_prefill_tokens = 64;
+  config.max_prefill_seqs = 3;
   return config;
 }
 
@@ -51,10 +53,11 @@ struct Tolerances {
 };
 
 //! A facade and its reference, driven together.
-template <class Backend>
+template <class Backend, class Prefill = LibraryPrefillAttention>
 struct Harness {
+  using Cache = BasicKVCache<Backend, Prefill>;
   KVCacheConfig config;
-  BasicKVCache<Backend> cache;
+  Cache cache;
   test::Stream stream;
   reference::LayerSpec spec;
   std::map<int, std::vector<reference::LayerCache>> refs;  // sequence id -> [layers]
@@ -64,11 +67,12 @@ struct Harness {
   double merge_probability = 0.7;
 
   explicit Harness(KVCacheConfig const& c) : config(c) {
-    KVC_STATUS_REQUIRE(BasicKVCache<Backend>::create(config, stream.get(), cache));
+    KVC_STATUS_REQUIRE(Cache::create(config, stream.get(), cache));
     PagedStoreConfig store;
     REQUIRE(config.to_store_config(store) == Status::kSuccess);
     spec = test::layer_spec(store);
-    std::size_t const rows = static_cast<std::size_t>(std::max(config.batch_capacity(), 64));
+    std::size_t const rows = static_cast<std::size_t>(
+        std::max({config.batch_capacity(), config.max_prefill_tokens, 64}));
     q.resize(rows * q_row());
     k.resize(rows * kv_row());
     v.resize(rows * kv_row());
@@ -151,6 +155,66 @@ struct Harness {
     }
     KVC_STATUS_REQUIRE(cache.end_step(stream.get()));
     KVC_STATUS_REQUIRE(cache.step_status_sync());
+    compare_cache(what);
+  }
+
+  //! One prefill step through the facade and the reference's prefill: row r is a chunk of
+  //! tokens[r] tokens of sequence ids[r] (appended to its cache). `per_layer`: the one-sequence
+  //! shorthand prefill_layer(seq, layer, ...) instead of begin_prefill / prefill_layer /
+  //! end_prefill. Compares every layer's outputs and LSE, then the whole cache.
+  void prefill(std::mt19937_64& rng, std::vector<int> const& ids, std::vector<int> const& tokens,
+               std::string const& what, bool per_layer = false) {
+    REQUIRE(ids.size() == tokens.size());
+    REQUIRE((!per_layer || ids.size() == 1));
+    std::size_t total = 0;
+    for (int t : tokens) total += static_cast<std::size_t>(t);
+    if (!per_layer) {
+      KVC_STATUS_REQUIRE(cache.begin_prefill(ids.data(), tokens.data(), static_cast<int>(ids.size()),
+                                             stream.get()));
+    }
+    for (int l = 0; l < config.shape.num_layers; ++l) {
+      std::vector<float> qh, kh, vh;
+      draw(rng, total, qh, kh, vh);
+      q.upload(test::to_storage<T>(qh), stream.get());
+      k.upload(test::to_storage<T>(kh), stream.get());
+      v.upload(test::to_storage<T>(vh), stream.get());
+      out.poison(stream.get());
+      lse.poison(stream.get());
+      if (per_layer) {
+        KVC_STATUS_REQUIRE(cache.prefill_layer(ids[0], l, tokens[0], q.data(), k.data(), v.data(),
+                                               out.data(), stream.get(), lse.data()));
+        KVC_STATUS_REQUIRE(cache.step_status_sync());
+      } else {
+        KVC_STATUS_REQUIRE(cache.prefill_layer(l, q.data(), k.data(), v.data(), out.data(),
+                                               stream.get(), lse.data()));
+      }
+      std::vector<float> const got = test::to_floats(out.download(stream.get(), total * q_row()));
+      std::size_t const hq = static_cast<std::size_t>(config.shape.num_q_heads);
+      std::vector<float> const got_lse = lse.download(stream.get(), total * hq);
+      std::size_t first = 0;
+      for (std::size_t r = 0; r < ids.size(); ++r) {
+        std::size_t const n = static_cast<std::size_t>(tokens[r]);
+        reference::PrefillInput const input{
+            tokens[r], reference::ConstSpan(qh.data() + first * q_row(), n * q_row()),
+            reference::ConstSpan(kh.data() + first * kv_row(), n * kv_row()),
+            reference::ConstSpan(vh.data() + first * kv_row(), n * kv_row())};
+        reference::AttentionOutput want;
+        KVC_STATUS_REQUIRE(refs.at(ids[r])[static_cast<std::size_t>(l)].prefill(input, want));
+        std::string const where =
+            what + " layer " + std::to_string(l) + " seq " + std::to_string(ids[r]);
+        test::require_close(std::vector<float>(got.begin() + first * q_row(),
+                                               got.begin() + (first + n) * q_row()),
+                            want.out, default_tolerance(kDType), where + " out");
+        test::require_close(
+            std::vector<float>(got_lse.begin() + first * hq, got_lse.begin() + (first + n) * hq),
+            want.lse, {5e-4, 1e-4}, where + " lse");
+        first += n;
+      }
+    }
+    if (!per_layer) {
+      KVC_STATUS_REQUIRE(cache.end_prefill(stream.get()));
+      KVC_STATUS_REQUIRE(cache.step_status_sync());
+    }
     compare_cache(what);
   }
 
@@ -240,10 +304,12 @@ TEST_SUITE("gpu") {
         // The kernels: long runs for Full and DMC, short ones (few evictions) for H2O/TOVA.
         Harness<PrecompiledDecodeAttention> fast(config);
         fast.tolerances.scores = {1e-5, 2e-3};
-        fast.run(rng, evicting ? 16 : 120, 0.03);
+        fast.run(rng, test::run_steps(evicting ? 16 : 120), 0.03);
       }
+      // KVC_STORE_TEST_STEPS (sanitizer runs) shortens both; sequences must still come and go.
       Harness<OracleDecodeAttention> exact(config);
-      CHECK(exact.run(rng, evicting ? 160 : 80, 0.05) > 0);  // sequences did leave (and join)
+      int const leaves = exact.run(rng, test::run_steps(evicting ? 160 : 80), 0.05);
+      if (test::full_runs()) CHECK(leaves > 0);  // sequences did leave (and join)
     }
   }
 
@@ -253,6 +319,7 @@ TEST_SUITE("gpu") {
     KVCacheConfig config = base_config(PolicyKind::kDmc);
     config.max_seqs = 1;
     config.max_batch = 1;
+    config.max_prefill_seqs = 1;
     Harness<OracleDecodeAttention> h(config);
     h.merge_probability = 0.75;  // CR about 4 per head
     int const seq = h.join();
@@ -268,7 +335,7 @@ TEST_SUITE("gpu") {
     }
   }
 
-  TEST_CASE("kv_cache: prefill_layer equals the prompt fed token by token") {
+  TEST_CASE("kv_cache: prefill of every policy equals the reference prefill, chunked and batched") {
     KVC_REQUIRE_CUDA_DEVICE();
     std::mt19937_64 rng(test::test_seed());
     for (PolicyKind kind :
@@ -278,49 +345,79 @@ TEST_SUITE("gpu") {
       Harness<OracleDecodeAttention> h(config);
       int const other = h.join();  // a sequence that must not be touched
       h.step(rng, {other}, "before");
-      int const seq = h.join();
-      int const prompt = 40;  // above the H2O/TOVA budgets: evictions during the prompt
-      for (int l = 0; l < config.shape.num_layers; ++l) {
-        std::vector<float> qh, kh, vh;
-        h.draw(rng, prompt, qh, kh, vh);
-        h.q.upload(test::to_storage<T>(qh), h.stream.get());
-        h.k.upload(test::to_storage<T>(kh), h.stream.get());
-        h.v.upload(test::to_storage<T>(vh), h.stream.get());
-        h.out.poison(h.stream.get());
-        KVC_STATUS_REQUIRE(h.cache.prefill_layer(seq, l, prompt, h.q.data(), h.k.data(), h.v.data(),
-                                                 h.out.data(), h.stream.get()));
-        KVC_STATUS_REQUIRE(h.cache.step_status_sync());
-        std::vector<float> const got =
-            test::to_floats(h.out.download(h.stream.get(), prompt * h.q_row()));
-        reference::LayerCache& ref = h.refs.at(seq)[static_cast<std::size_t>(l)];
-        std::vector<float> want;
-        for (int t = 0; t < prompt; ++t) {
-          std::size_t const tt = static_cast<std::size_t>(t);
-          reference::DecodeInput const input{
-              reference::ConstSpan(qh.data() + tt * h.q_row(), h.q_row()),
-              reference::ConstSpan(kh.data() + tt * h.kv_row(), h.kv_row()),
-              reference::ConstSpan(vh.data() + tt * h.kv_row(), h.kv_row())};
-          reference::AttentionOutput step_out;
-          KVC_STATUS_REQUIRE(ref.decode_step(input, step_out));
-          want.insert(want.end(), step_out.out.begin(), step_out.out.end());
-        }
-        test::require_close(got, want, default_tolerance(kDType), "prefill out");
-        if (kind == PolicyKind::kFull || kind == PolicyKind::kDmc) {
-          // Full and DMC: also exactly the reference's (parallel) prefill.
-          reference::LayerCache parallel;
-          KVC_STATUS_REQUIRE(reference::LayerCache::create(h.spec, config.policy, parallel));
-          reference::AttentionOutput prefill_out;
-          KVC_STATUS_REQUIRE(parallel.prefill(
-              reference::PrefillInput{prompt, reference::ConstSpan(qh), reference::ConstSpan(kh),
-                                      reference::ConstSpan(vh)},
-              prefill_out));
-          test::require_close(got, prefill_out.out, default_tolerance(kDType),
-                              "prefill vs reference prefill");
-          REQUIRE(parallel.slots_per_head() == ref.slots_per_head());
-        }
+      // One sequence, layer by layer; 40 tokens is above the H2O/TOVA budgets (one cut).
+      int const a = h.join();
+      h.prefill(rng, {a}, {40}, "shorthand", true);
+      // Three chunks in one step: a second chunk of `a` (appended to its cache), a fresh prompt
+      // and a one-token chunk; 64 tokens in all (max_prefill_tokens).
+      int const b = h.join();
+      int const c = h.join();
+      h.prefill(rng, {b, a, c}, {45, 18, 1}, "batched");
+      for (int s = 0; s < 8; ++s) h.step(rng, {a, b, c, other}, "decode " + std::to_string(s));
+      h.prefill(rng, {other}, {5}, "chunk after decode");
+      h.step(rng, {other, a}, "decode after chunk");
+    }
+  }
+
+  TEST_CASE("kv_cache: DMC prefill equals the prompt fed token by token") {
+    KVC_REQUIRE_CUDA_DEVICE();
+    std::mt19937_64 rng(test::test_seed());
+    KVCacheConfig const config = base_config(PolicyKind::kDmc);
+    Harness<OracleDecodeAttention> h(config);
+    int const seq = h.join();
+    int const prompt = 40;
+    for (int l = 0; l < config.shape.num_layers; ++l) {
+      std::vector<float> qh, kh, vh;
+      h.draw(rng, prompt, qh, kh, vh);
+      h.q.upload(test::to_storage<T>(qh), h.stream.get());
+      h.k.upload(test::to_storage<T>(kh), h.stream.get());
+      h.v.upload(test::to_storage<T>(vh), h.stream.get());
+      h.out.poison(h.stream.get());
+      KVC_STATUS_REQUIRE(h.cache.prefill_layer(seq, l, prompt, h.q.data(), h.k.data(), h.v.data(),
+                                               h.out.data(), h.stream.get()));
+      KVC_STATUS_REQUIRE(h.cache.step_status_sync());
+      std::vector<float> const got =
+          test::to_floats(h.out.download(h.stream.get(), prompt * h.q_row()));
+      reference::LayerCache& ref = h.refs.at(seq)[static_cast<std::size_t>(l)];
+      std::vector<float> want;
+      for (int t = 0; t < prompt; ++t) {
+        std::size_t const tt = static_cast<std::size_t>(t);
+        reference::DecodeInput const input{
+            reference::ConstSpan(qh.data() + tt * h.q_row(), h.q_row()),
+            reference::ConstSpan(kh.data() + tt * h.kv_row(), h.kv_row()),
+            reference::ConstSpan(vh.data() + tt * h.kv_row(), h.kv_row())};
+        reference::AttentionOutput step_out;
+        KVC_STATUS_REQUIRE(ref.decode_step(input, step_out));
+        want.insert(want.end(), step_out.out.begin(), step_out.out.end());
       }
-      h.compare_cache("after prefill");
-      for (int s = 0; s < 12; ++s) h.step(rng, {seq, other}, "decode " + std::to_string(s));
+      test::require_close(got, want, default_tolerance(kDType), "prefill vs token by token");
+      CHECK(ref.compression_ratio() > 1.5);  // the decisions merged
+    }
+    h.compare_cache("after prefill");
+    for (int s = 0; s < 6; ++s) h.step(rng, {seq}, "decode " + std::to_string(s));
+  }
+
+  TEST_CASE("kv_cache: DecodePathPrefill runs Full and DMC prompts as decode steps") {
+    KVC_REQUIRE_CUDA_DEVICE();
+    std::mt19937_64 rng(test::test_seed());
+    for (PolicyKind kind : {PolicyKind::kFull, PolicyKind::kDmc}) {
+      INFO("policy " << policy_name(kind));
+      Harness<OracleDecodeAttention, DecodePathPrefill> h(base_config(kind));
+      int const a = h.join();
+      h.prefill(rng, {a}, {30}, "decode-path prefill", true);
+      h.prefill(rng, {a}, {9}, "decode-path chunk");
+      int const ids[2] = {a, a};
+      int const tokens[2] = {1, 1};
+      CHECK(h.cache.begin_prefill(ids, tokens, 2, h.stream.get()) == Status::kErrorNotSupported);
+      h.step(rng, {a}, "decode");
+    }
+    // H2O and TOVA prefill cut once over the whole chunk: not what decode steps do.
+    for (PolicyKind kind : {PolicyKind::kH2O, PolicyKind::kTova}) {
+      BasicKVCache<OracleDecodeAttention, DecodePathPrefill> cache;
+      test::Stream stream;
+      CHECK(BasicKVCache<OracleDecodeAttention, DecodePathPrefill>::create(
+                base_config(kind), stream.get(), cache) == Status::kErrorNotSupported);
+      CHECK_FALSE(cache.valid());
     }
   }
 
@@ -454,11 +551,32 @@ TEST_SUITE("gpu") {
     // Outside a step.
     CHECK(h.cache.decode_layer(0, q, k, v, out, s) == Status::kErrorInvalidArgument);
     CHECK(h.cache.end_step(s) == Status::kErrorInvalidArgument);
-    // prefill_layer.
+    // The one-sequence prefill_layer.
     CHECK(h.cache.prefill_layer(4, 0, 3, q, k, v, out, s) == Status::kErrorInvalidSequence);
     CHECK(h.cache.prefill_layer(a, 2, 3, q, k, v, out, s) == Status::kErrorInvalidArgument);
     CHECK(h.cache.prefill_layer(a, 0, 0, q, k, v, out, s) == Status::kErrorInvalidArgument);
     CHECK(h.cache.prefill_layer(a, 0, 3, q, nullptr, v, out, s) == Status::kErrorInvalidArgument);
+    CHECK(h.cache.prefill_layer(a, 0, config.max_prefill_tokens + 1, q, k, v, out, s) ==
+          Status::kErrorInvalidArgument);
+    CHECK(h.cache.prefill_layer(a, 0, 3, q, k, v, static_cast<char*>(out) + 2, s) ==
+          Status::kErrorInvalidArgument);
+    // begin_prefill.
+    int const chunk_ids[3] = {a, b, a};
+    int const chunk_tokens[3] = {3, 4, 5};
+    int const zero_tokens[2] = {3, 0};
+    int const long_tokens[2] = {config.max_prefill_tokens, 1};
+    CHECK(h.cache.begin_prefill(chunk_ids, chunk_tokens, 3, s) == Status::kErrorInvalidArgument);
+    CHECK(h.cache.begin_prefill(ids_gone, chunk_tokens, 2, s) == Status::kErrorInvalidSequence);
+    CHECK(h.cache.begin_prefill(chunk_ids, zero_tokens, 2, s) == Status::kErrorInvalidArgument);
+    CHECK(h.cache.begin_prefill(chunk_ids, long_tokens, 2, s) == Status::kErrorInvalidArgument);
+    CHECK(h.cache.begin_prefill(chunk_ids, chunk_tokens, 0, s) == Status::kErrorInvalidArgument);
+    CHECK(h.cache.begin_prefill(chunk_ids, chunk_tokens, config.max_prefill_seqs + 1, s) ==
+          Status::kErrorInvalidArgument);
+    CHECK(h.cache.begin_prefill(nullptr, chunk_tokens, 1, s) == Status::kErrorInvalidArgument);
+    CHECK(h.cache.begin_prefill(chunk_ids, nullptr, 1, s) == Status::kErrorInvalidArgument);
+    CHECK(h.cache.prefill_layer(0, q, k, v, out, s) == Status::kErrorInvalidArgument);
+    CHECK(h.cache.end_prefill(s) == Status::kErrorInvalidArgument);
+    CHECK_FALSE(h.cache.in_prefill());
     CHECK(h.cache.release_sequence(4, s) == Status::kErrorInvalidSequence);
     unchanged("outside a step");
 
@@ -473,6 +591,7 @@ TEST_SUITE("gpu") {
           Status::kErrorInvalidArgument);
     CHECK(h.cache.release_sequence(a, s) == Status::kErrorInvalidArgument);
     CHECK(h.cache.prefill_layer(a, 0, 1, q, k, v, out, s) == Status::kErrorInvalidArgument);
+    CHECK(h.cache.begin_prefill(ids, chunk_tokens, 1, s) == Status::kErrorInvalidArgument);
     CHECK(h.cache.in_step());
     // The step then runs normally (every layer once; a second time is refused).
     std::vector<float> qh, kh, vh;
@@ -497,6 +616,36 @@ TEST_SUITE("gpu") {
     KVC_STATUS_REQUIRE(h.cache.step_status_sync());
     h.compare_cache("after the refused calls");
     h.step(rng, {a, b}, "next step");
+
+    // Inside a prefill: refused calls leave it open; the layers then run, each once.
+    int const one[1] = {b};
+    int const four[1] = {4};
+    KVC_STATUS_REQUIRE(h.cache.begin_prefill(one, four, 1, s));
+    CHECK(h.cache.begin_prefill(one, four, 1, s) == Status::kErrorInvalidArgument);
+    CHECK(h.cache.begin_step(one, 1, s) == Status::kErrorInvalidArgument);
+    CHECK(h.cache.release_sequence(b, s) == Status::kErrorInvalidArgument);
+    CHECK(h.cache.prefill_layer(b, 0, 4, q, k, v, out, s) == Status::kErrorInvalidArgument);
+    CHECK(h.cache.prefill_layer(2, q, k, v, out, s) == Status::kErrorInvalidArgument);
+    CHECK(h.cache.prefill_layer(0, q, nullptr, v, out, s) == Status::kErrorInvalidArgument);
+    CHECK(h.cache.in_prefill());
+    for (int l = 0; l < config.shape.num_layers; ++l) {
+      h.draw(rng, 4, qh, kh, vh);
+      h.q.upload(test::to_storage<T>(qh), s);
+      h.k.upload(test::to_storage<T>(kh), s);
+      h.v.upload(test::to_storage<T>(vh), s);
+      KVC_STATUS_REQUIRE(h.cache.prefill_layer(l, q, k, v, out, s));
+      CHECK(h.cache.prefill_layer(l, q, k, v, out, s) == Status::kErrorInvalidArgument);
+      reference::AttentionOutput want;
+      KVC_STATUS_REQUIRE(h.refs.at(b)[static_cast<std::size_t>(l)].prefill(
+          reference::PrefillInput{4, reference::ConstSpan(qh), reference::ConstSpan(kh),
+                                  reference::ConstSpan(vh)},
+          want));
+    }
+    KVC_STATUS_REQUIRE(h.cache.end_prefill(s));
+    KVC_STATUS_REQUIRE(h.cache.step_status_sync());
+    CHECK_FALSE(h.cache.in_prefill());
+    h.compare_cache("after the refused prefill calls");
+    h.step(rng, {a, b}, "step after the prefill");
   }
 
   TEST_CASE("kv_cache: a pool too small refuses the step, which changes nothing") {
@@ -535,6 +684,24 @@ TEST_SUITE("gpu") {
     CHECK(polled == Status::kErrorOutOfPages);
     CHECK(test::take_snapshot<T>(h.cache.store(), h.stream.get()).lengths == lengths_before);
     h.compare_cache("refused step");  // the reference did not take the step either
+    // A prefill that cannot get its pages is refused as a whole too.
+    int const c = h.join();
+    int const chunk[1] = {20};
+    int const c_ids[1] = {c};
+    KVC_STATUS_REQUIRE(h.cache.begin_prefill(c_ids, chunk, 1, h.stream.get()));
+    for (int l = 0; l < config.shape.num_layers; ++l) {
+      h.draw(rng, 20, qh, kh, vh);
+      h.q.upload(test::to_storage<T>(qh), h.stream.get());
+      h.k.upload(test::to_storage<T>(kh), h.stream.get());
+      h.v.upload(test::to_storage<T>(vh), h.stream.get());
+      KVC_STATUS_REQUIRE(h.cache.prefill_layer(l, h.q.data(), h.k.data(), h.v.data(), h.out.data(),
+                                               h.stream.get()));
+    }
+    KVC_STATUS_REQUIRE(h.cache.end_prefill(h.stream.get()));
+    CHECK(h.cache.step_status_sync() == Status::kErrorOutOfPages);
+    CHECK(test::take_snapshot<T>(h.cache.store(), h.stream.get()).lengths == lengths_before);
+    h.compare_cache("refused prefill");
+    h.leave(c);
     // Release one sequence; the other's step now succeeds.
     h.leave(a);
     h.step(rng, {b}, "retry");

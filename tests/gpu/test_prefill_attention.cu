@@ -356,14 +356,27 @@ TEST_SUITE("gpu") {
     std::mt19937_64 rng(kvc::test::test_seed());
     INFO("seed " << kvc::test::test_seed());
     StreamGuard guard;
-    std::uniform_int_distribution<int> chunk(1, 150);
+    // Sanitizer size (KVC_STORE_TEST_STEPS set): every (dtype, head dim, group size) instance
+    // once, the page size (and with it the mask and score mode) cycling over the instances so
+    // that every dtype, head dim and group size meets all three; shorter chunks and prefixes.
+    // Builds with fewer than 3 instances run every page size.
+    bool const full = kvc::test::full_runs();
+    std::size_t const instances =
+        compiled_dtypes().size() * compiled_head_dims().size() * compiled_groups().size();
+    bool const every_page_size = full || instances < 3;
+    std::uniform_int_distribution<int> chunk(1, full ? 150 : 48);
+    int const max_prefix = full ? 300 : 100;
+    int instance = 0;
     for (DType dtype : compiled_dtypes()) {
       for (int head_dim : compiled_head_dims()) {
         for (int group : compiled_groups()) {
           REQUIRE(kvc::prefill_attention_supported(dtype, head_dim, group));
-          for (int page_size : {1, 16, 64}) {
+          int const page_sizes[] = {1, 16, 64};
+          for (int p = 0; p < 3; ++p) {
+            if (!every_page_size && p != instance % 3) continue;
+            int const page_size = page_sizes[p];
             PrefillCase c = ragged_case(rng, dtype, head_dim, group, 2, page_size,
-                                        {chunk(rng), 1, chunk(rng)}, 300);
+                                        {chunk(rng), 1, chunk(rng)}, max_prefix);
             // Page size 1: causal, no scores; 16: DMC mask + column sums (explicit prefix
             // lengths, one hidden slot); 64: DMC mask + last row.
             if (page_size == 16) {
@@ -377,6 +390,7 @@ TEST_SUITE("gpu") {
             }
             run_and_check(c, rng, guard.stream);
           }
+          ++instance;
         }
       }
     }
@@ -390,19 +404,24 @@ TEST_SUITE("gpu") {
     DType const dtype = compiled_dtypes().front();
     int const head_dim = compiled_head_dims().front();
     int const group = compiled_groups().back();
+    // Sanitizer size (KVC_STORE_TEST_STEPS set): the same shapes about 8x smaller, still long
+    // enough to sample queries (> 1024 tokens) and to split key ranges (64 splits).
+    bool const full = kvc::test::full_runs();
     // One 8k-token prompt without a prefix (sampled queries).
-    run_and_check(ragged_case(rng, dtype, head_dim, group, 1, 16, {8192}, 0), rng, guard.stream);
+    run_and_check(ragged_case(rng, dtype, head_dim, group, 1, 16, {full ? 8192 : 1100}, 0), rng,
+                  guard.stream);
     // Chunked prefill of a long prompt: short chunks after 64k cached slots (split key ranges).
     {
       PrefillCase c = ragged_case(rng, dtype, head_dim, group, 2, 16, {1, 16}, 0);
-      c.prefix = {65536, 60001, 65536, 1};
+      c.prefix = full ? std::vector<int>{65536, 60001, 65536, 1}
+                      : std::vector<int>{8192, 7001, 8192, 1};
       run_and_check(c, rng, guard.stream);
     }
     // Ragged mix: decode-like single tokens, mid-size chunks, a 2k chunk, prefixes up to 4k, DMC
     // mask.
     {
-      PrefillCase c =
-          ragged_case(rng, dtype, head_dim, group, 2, 64, {1, 1, 300, 2048, 1, 77, 5}, 4096);
+      PrefillCase c = ragged_case(rng, dtype, head_dim, group, 2, 64,
+                                  {1, 1, 300, full ? 2048 : 256, 1, 77, 5}, full ? 4096 : 512);
       c.dmc_mask = true;
       run_and_check(c, rng, guard.stream);
     }
@@ -414,8 +433,8 @@ TEST_SUITE("gpu") {
     }
     // Column sums over a long prefix and a 1k chunk (every query checked).
     {
-      PrefillCase c = ragged_case(rng, dtype, head_dim, group, 1, 16, {1000, 3}, 0);
-      c.prefix = {0, 20000};
+      PrefillCase c = ragged_case(rng, dtype, head_dim, group, 1, 16, {full ? 1000 : 200, 3}, 0);
+      c.prefix = {0, full ? 20000 : 2500};
       c.mode = PrefillScoreMode::kColumnSum;
       c.dmc_mask = true;
       run_and_check(c, rng, guard.stream);

@@ -129,6 +129,17 @@ TEST_SUITE("host") {
     c.max_batch = 9;  // above max_seqs
     refused(c, Status::kErrorInvalidArgument);
     c = valid_config();
+    c.max_prefill_tokens = -1;
+    refused(c, Status::kErrorInvalidArgument);
+    c = valid_config();
+    c.max_prefill_seqs = 0;
+    refused(c, Status::kErrorInvalidArgument);
+    c.max_prefill_seqs = c.max_seqs + 1;
+    refused(c, Status::kErrorInvalidArgument);
+    c.max_prefill_seqs = c.max_seqs;  // the largest allowed
+    c.max_prefill_tokens = 0;         // no prefill workspace: valid
+    CHECK(c.validate() == Status::kSuccess);
+    c = valid_config();
     c.max_tokens_per_seq = 0;  // Full and DMC need a length
     refused(c, Status::kErrorInvalidArgument);
     c.policy.kind = PolicyKind::kFull;

@@ -88,7 +88,8 @@ Status DecodeAttention<Variant, T, kHeadDim, kGroupSize>::run(DecodeParams const
   if (params.scores.probs != nullptr && params.scores.stride <= 0)
     return Status::kErrorInvalidArgument;
   if (params.split.waves < 0 || params.split.waves > detail::kTargetWaves ||
-      params.split.min_chunk < 0 || params.split.min_chunk % detail::kChunkQuantum != 0) {
+      params.split.min_chunk < 0 || params.split.min_chunk % detail::kChunkQuantum != 0 ||
+      params.split.schedule < 0 || params.split.schedule > 2) {
     return Status::kErrorInvalidArgument;
   }
   if (params.batch == 0) return Status::kSuccess;

@@ -58,7 +58,7 @@ struct DecodeTraits {
   static constexpr int kItemsOffset = align16(kRowsOffset + kStages * kTileSlots * 4);
   static constexpr int kTilesOffset = kItemsOffset + kStages * static_cast<int>(sizeof(DecodeWorkItem));
   static constexpr int kFlagOffset = align16(kTilesOffset + 2 * kStages * 4);  // int [2][stages] before
-  static constexpr int kSmemBytes = kFlagOffset + 16;
+  static constexpr int kSmemBytes = kFlagOffset + 32;  // int flag, int claims[4]
   // Resident CTAs per SM that shared memory allows (228 KB per SM, 1 KB reserved per CTA), at
   // most 3; tells ptxas it may use 65536 / (kThreads * kMinBlocks) registers, so that it
   // neither spills nor lowers the occupancy that shared memory sets anyway.
@@ -154,11 +154,26 @@ KVC_GLOBAL void __launch_bounds__(DecodeTraits<T, kHeadDim, kGroupSize>::kThread
   Variant const variant(args.params);
 
   // ---- Producer: this CTA's tile sequence, issued kStages - 1 tiles ahead of the consumer.
+  // Item of the CTA's ordinal-th turn. Snake: ordinal * P + (c or P - 1 - c). Greedy: turns 0
+  // and 1 as snake, then the index thread 0 claimed from ws.counters[2] (zeroed by the plan) at
+  // the CTA's transition into turn ordinal - 2, kept in s_claims[ordinal % 4]; every advance()
+  // call follows a __syncthreads, so a claim is visible when its turn is loaded. Claims are
+  // monotonic, so a CTA never stops with a claimed item undone (a failed claim means every
+  // later one fails too).
+  int const schedule = args.params.split.schedule;
+  bool const greedy =
+      schedule == 2 || (schedule == 0 && num_items >= kGreedyItemsPerCta * static_cast<long long>(grid));
+  int* const s_claims = s_flag + 1;  // [4]
   auto load_item = [&](int ordinal, DecodeWorkItem& item) {
-    long long const index = static_cast<long long>(ordinal) * grid + ((ordinal & 1) ? grid - 1 - cta : cta);
+    long long const index =
+        greedy && ordinal >= 2 ? s_claims[ordinal & 3]
+                               : static_cast<long long>(ordinal) * grid + ((ordinal & 1) ? grid - 1 - cta : cta);
     if (index >= num_items) return false;
     item = ws.items[index];
     return true;
+  };
+  auto claim = [&](int ordinal) {
+    if (greedy && tid == 0) s_claims[ordinal & 3] = 2 * grid + atomicAdd(ws.counters + 2, 1);
   };
   int p_ordinal = 0;
   int p_tile = 0;
@@ -166,6 +181,7 @@ KVC_GLOBAL void __launch_bounds__(DecodeTraits<T, kHeadDim, kGroupSize>::kThread
   DecodeWorkItem p_next{};
   bool p_has = load_item(0, p_item);
   bool p_next_has = p_has && load_item(1, p_next);
+  if (p_has) claim(2);
 
   auto advance = [&]() {
     ++p_tile;
@@ -174,7 +190,10 @@ KVC_GLOBAL void __launch_bounds__(DecodeTraits<T, kHeadDim, kGroupSize>::kThread
       p_tile = 0;
       p_item = p_next;
       p_has = p_next_has;
-      if (p_has) p_next_has = load_item(p_ordinal + 1, p_next);  // in flight for a whole item
+      if (p_has) {
+        p_next_has = load_item(p_ordinal + 1, p_next);  // in flight for a whole item
+        claim(p_ordinal + 2);
+      }
     }
   };
   // Pool row of tile row `r` of the producer's current tile, -1 past the item's end.

@@ -37,6 +37,11 @@ inline constexpr int kTargetWaves = 4;     //!< most chunks per CTA the plan may
 // split balances the CTAs better; DecodeParams::split chooses per call.
 inline constexpr int kDefaultWaves = 1;       //!< chunks per CTA aimed for by default
 inline constexpr int kDefaultMinChunk = 256;  //!< smallest chunk by default (slots)
+// The default schedule is greedy from this many work items per CTA on (snake below): on an
+// H200 greedy took DMC mixes under MHA (2048 heads over 264 CTAs) from 87 % to 93 % (mix A) and
+// 73 % to 84 % (mix B) of the read bandwidth and was 3 % slower on GQA mixes of about 2 items
+// per CTA (benchmarks/RESULTS.md, 2026-12-03).
+inline constexpr int kGreedyItemsPerCta = 3;
 inline constexpr int kPlanThreads = 1024;  //!< the plan kernel's single block
 
 //! One unit of work: slots [begin, end) of one (batch row, KV head). 32 bytes.
@@ -53,7 +58,7 @@ struct alignas(16) DecodeWorkItem {
 
 //! Device pointers into the caller's workspace.
 struct DecodeWorkspace {
-  int* counters = nullptr;            //!< [4]: work items, empty heads
+  int* counters = nullptr;            //!< [4]: work items, empty heads, greedy claims
   int* head_length = nullptr;         //!< [heads] clamped length of each (row, KV head)
   int* arrivals = nullptr;            //!< [heads] finished chunks per head (zeroed by the plan)
   int* empty_heads = nullptr;         //!< [heads] heads of length 0
@@ -218,6 +223,7 @@ KVC_GLOBAL void __launch_bounds__(kPlanThreads) decode_plan_kernel(DecodePlanArg
       offset += bucket_count[bucket];
     }
     a.ws.counters[0] = offset;
+    a.ws.counters[2] = 0;  // next item of the greedy schedule (SplitPolicy::schedule)
   }
   __syncthreads();
 

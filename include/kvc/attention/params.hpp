@@ -48,10 +48,15 @@ struct DecodeParams {
   //! `waves`: chunks per persistent CTA the plan aims for, 1..4 (default 1); `min_chunk`:
   //! the smallest chunk, a multiple of 64 slots (default 256). Fewer, larger chunks mean fewer
   //! split-KV merges and item epilogues, at the price of balance. Results do not depend on it
-  //! beyond rounding (the merge order is fixed per head).
+  //! beyond rounding (the merge order is fixed per head). `schedule`: how the persistent CTAs
+  //! take the size-sorted items: 1 snake (static: CTA c takes c, 2P-1-c, 2P+c, ...), 2 greedy
+  //! (the first two rounds as snake, then each CTA claims the next unclaimed item from an
+  //! atomic counter two items ahead of its producer), 0 the default: greedy when the plan made
+  //! at least 3 items per CTA, snake otherwise (measured on an H200, benchmarks/RESULTS.md).
   struct SplitPolicy {
     int waves = 0;
     int min_chunk = 0;
+    int schedule = 0;
   } split{};
 
   //! Query heads per KV head (0 when the head counts are inconsistent).

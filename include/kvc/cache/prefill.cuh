@@ -47,10 +47,14 @@ struct PrefillBatch {
   int max_chunk = 0;  //!< >= every chunk length (sizes the grids and the score rows)
 };
 
-//! The prefill attention of kvc_prefill_instances (link it). Any type with the same two static
+//! The prefill attention of kvc_prefill_instances (link it). Any type with the same static
 //! functions (e.g. `PrefillAttention<Variant, T, kHeadDim, kGroupSize>` from
-//! kvc/attention/prefill.cuh, header-only) can replace it.
+//! kvc/attention/prefill.cuh, header-only; `supported` is only asked for by KVCache) can
+//! replace it.
 struct LibraryPrefillAttention {
+  static bool supported(DType dtype, int head_dim, int group_size) {
+    return prefill_attention_supported(dtype, head_dim, group_size);
+  }
   static Status workspace_size(PrefillParams const& params, std::size_t& bytes) {
     return prefill_attention_workspace_size(params, bytes);
   }
@@ -73,19 +77,15 @@ struct PrefillLayout {
   int stride = 0;         //!< score row stride (budget + max chunk) for H2O/TOVA
 };
 
-//! kSuccess when the store, the dtype and the batch description can be prefilled.
+//! kSuccess when a store of `config`, the dtype and the batch description can be prefilled.
 template <class T>
-Status check_prefill(PagedStore const& store, PrefillBatch const& chunks) {
-  if (!store.initialized() || DTypeTraits<T>::kDType != store.config().dtype) {
-    return Status::kErrorInvalidArgument;
-  }
-  PagedStoreConfig const& config = store.config();
+Status check_prefill(PagedStoreConfig const& config, PrefillBatch const& chunks) {
+  if (DTypeTraits<T>::kDType != config.dtype) return Status::kErrorInvalidArgument;
   if (chunks.batch < 0 || chunks.batch > config.max_seqs || chunks.total_tokens < 0 ||
       chunks.max_chunk < 0) {
     return Status::kErrorInvalidArgument;
   }
-  if (chunks.batch > 0 && (chunks.seq_slots == nullptr || chunks.cu_tokens == nullptr ||
-                           chunks.total_tokens < 1 || chunks.max_chunk < 1)) {
+  if (chunks.batch > 0 && (chunks.total_tokens < 1 || chunks.max_chunk < 1)) {
     return Status::kErrorInvalidArgument;
   }
   int const d = config.shape.head_dim;
@@ -95,43 +95,60 @@ Status check_prefill(PagedStore const& store, PrefillBatch const& chunks) {
     return Status::kErrorInvalidArgument;
   }
   if (config.has_dmc_state() &&
-      prefill_prepare_shared_bytes(store.dims(), config.dmc_window()) > 48 * 1024) {
+      prefill_prepare_shared_bytes(StoreDims::of(config), config.dmc_window()) > 48 * 1024) {
     return Status::kErrorNotSupported;
   }
   return Status::kSuccess;
 }
 
-//! The attention call of a layer (workspace left to the caller).
-template <class T>
-Status prefill_attention_params(PagedStore const& store, int layer, PrefillBatch const& chunks,
-                                PrefillBuffers const& buf, T const* v, T* out, float* lse,
-                                PrefillParams& params) {
-  PagedLayerView<T> view;
-  KVC_RETURN_IF_ERROR(store.layer_view<T>(layer, view));
-  bool const dmc = store.config().has_dmc_state();
-  params = make_prefill_params<T>(
-      view, static_cast<T const*>(buf.q_att), static_cast<T const*>(buf.k_att),
-      dmc ? static_cast<T const*>(buf.v_att) : v, chunks.cu_tokens, chunks.seq_slots, chunks.batch,
-      chunks.total_tokens, store.config().shape.num_q_heads, out, lse);
-  if (dmc) {
-    params.prefix_lengths = buf.prefix;
-    params.chunk_key_visible = buf.visible;
-  }
-  if (store.config().has_scores()) {
-    params.scores.probs = buf.probs;
-    params.scores.stride = buf.stride;
-    params.scores.mode = store.config().policy.kind == PolicyKind::kH2O
-                             ? PrefillScoreMode::kColumnSum
-                             : PrefillScoreMode::kLastRow;
+//! kSuccess when a non-empty batch names its device arrays.
+inline Status check_prefill_pointers(PrefillBatch const& chunks) {
+  if (chunks.batch > 0 && (chunks.seq_slots == nullptr || chunks.cu_tokens == nullptr)) {
+    return Status::kErrorInvalidArgument;
   }
   return Status::kSuccess;
 }
 
+//! The attention call of a layer over `view` (workspace left to the caller).
+template <class T>
+PrefillParams prefill_attention_params(PagedStoreConfig const& config,
+                                       PagedLayerView<T> const& view, PrefillBatch const& chunks,
+                                       PrefillBuffers const& buf, T const* v, T* out, float* lse) {
+  bool const dmc = config.has_dmc_state();
+  PrefillParams params = make_prefill_params<T>(
+      view, static_cast<T const*>(buf.q_att), static_cast<T const*>(buf.k_att),
+      dmc ? static_cast<T const*>(buf.v_att) : v, chunks.cu_tokens, chunks.seq_slots, chunks.batch,
+      chunks.total_tokens, config.shape.num_q_heads, out, lse);
+  if (dmc) {
+    params.prefix_lengths = buf.prefix;
+    params.chunk_key_visible = buf.visible;
+  }
+  if (config.has_scores()) {
+    params.scores.probs = buf.probs;
+    params.scores.stride = buf.stride;
+    params.scores.mode = config.policy.kind == PolicyKind::kH2O ? PrefillScoreMode::kColumnSum
+                                                                : PrefillScoreMode::kLastRow;
+  }
+  return params;
+}
+
+//! A view with the shape of a store of `config` and no memory (for size queries).
+template <class T>
+PagedLayerView<T> shape_only_view(PagedStoreConfig const& config) {
+  PagedLayerView<T> view;
+  view.page_size = config.page_size;
+  view.head_dim = config.shape.head_dim;
+  view.num_kv_heads = config.shape.num_kv_heads;
+  view.max_pages_per_head = config.max_pages_per_head;
+  view.max_seqs = config.max_seqs;
+  return view;
+}
+
 //! Offsets of every workspace array for `chunks` (attention's share from Attention's query).
 template <class T, class Attention>
-Status prefill_layout(PagedStore const& store, PrefillBatch const& chunks, PrefillLayout& out) {
-  KVC_RETURN_IF_ERROR(check_prefill<T>(store, chunks));
-  PagedStoreConfig const& config = store.config();
+Status prefill_layout(PagedStoreConfig const& config, PrefillBatch const& chunks,
+                      PrefillLayout& out) {
+  KVC_RETURN_IF_ERROR(check_prefill<T>(config, chunks));
   using U = std::uint64_t;
   U const n = static_cast<U>(chunks.total_tokens);
   U const b = static_cast<U>(chunks.batch);
@@ -172,9 +189,8 @@ Status prefill_layout(PagedStore const& store, PrefillBatch const& chunks, Prefi
     PrefillBuffers shape_only;
     shape_only.stride = layout.stride;
     shape_only.probs = reinterpret_cast<float*>(kStoreAlignment);  // non-null: scores are on
-    PrefillParams params;
-    KVC_RETURN_IF_ERROR(prefill_attention_params<T>(store, 0, chunks, shape_only, nullptr, nullptr,
-                                                    nullptr, params));
+    PrefillParams params = prefill_attention_params<T>(config, shape_only_view<T>(config), chunks,
+                                                       shape_only, nullptr, nullptr, nullptr);
     if (!scores) params.scores = PrefillScoreHook{};
     KVC_RETURN_IF_ERROR(Attention::workspace_size(params, layout.attention_bytes));
   }
@@ -227,10 +243,15 @@ inline PrefillBuffers carve_prefill_buffers(PrefillLayout const& layout, unsigne
 //! kErrorOutOfPages (pool dry or a page table full), kErrorInvalidSequence (a slot out of range
 //! or released, or a chunk length outside [0, max_chunk] or past total_tokens). A refused step
 //! changes nothing (pages already granted stay with their heads as spare capacity).
-//! @return kErrorInvalidArgument (store not initialised, bad sizes, null pointers); kErrorCuda.
-inline Status prepare_prefill(PagedStore& store, PrefillBatch const& chunks, cudaStream_t stream) {
+//! `layer` >= 0 restricts the step to that one layer (then prefill only that layer until the next
+//! prepare_prefill); -1, the default, prepares every layer.
+//! @return kErrorInvalidArgument (store not initialised, bad sizes, null pointers, layer out of
+//!         range); kErrorCuda.
+inline Status prepare_prefill(PagedStore& store, PrefillBatch const& chunks, cudaStream_t stream,
+                              int layer = -1) {
   if (!store.initialized() || chunks.batch < 0 || chunks.batch > store.config().max_seqs ||
-      chunks.total_tokens < 0 || chunks.max_chunk < 0) {
+      chunks.total_tokens < 0 || chunks.max_chunk < 0 || layer < -1 ||
+      layer >= store.dims().num_layers) {
     return Status::kErrorInvalidArgument;
   }
   if (chunks.batch > 0 && (chunks.seq_slots == nullptr || chunks.cu_tokens == nullptr)) {
@@ -250,23 +271,38 @@ inline Status prepare_prefill(PagedStore& store, PrefillBatch const& chunks, cud
   params.max_chunk = chunks.max_chunk;
   params.kind = store.config().policy.kind;
   params.budget = store.config().eviction_budget();
+  params.first_layer = layer < 0 ? 0 : layer;
+  params.num_layers = layer < 0 ? store.dims().num_layers : 1;
   detail::prefill_allocate_kernel<<<chunks.batch, detail::kPrefillAllocThreads, 0, stream>>>(
       params);
   return detail::last_cuda_status();
 }
 
-//! @brief Device bytes of workspace that prefill_layer needs for `chunks` (its batch,
-//! total_tokens and max_chunk; any call with sizes at most these fits). Reads no device memory.
-//! @return kSuccess; kErrorInvalidArgument (store not initialised, T not the store's dtype, bad
-//!         sizes); kErrorNotSupported (head dim odd or above 256, DMC window too large); the
-//!         attention's own size-query errors (e.g. kErrorNotSupported for a missing instance).
+//! @brief Device bytes of workspace that prefill_layer needs for `chunks` on a store of
+//! `config` (only the batch, total_tokens and max_chunk of `chunks` matter, its pointers may be
+//! null; any call with sizes at most these fits). Needs no store and no device: size the workspace before the store exists
+//! (as KVCache does, to allocate both at once). `config` must be valid
+//! (PagedStoreConfig::validate).
+//! @return kSuccess; kErrorInvalidArgument (T not the config's dtype, bad sizes);
+//!         kErrorNotSupported (head dim odd or above 256, DMC window too large); the attention's
+//!         own size-query errors (e.g. kErrorNotSupported for a missing instance).
+template <class T, class Attention = LibraryPrefillAttention>
+Status prefill_workspace_size(PagedStoreConfig const& config, PrefillBatch const& chunks,
+                              std::size_t& bytes) {
+  detail::PrefillLayout layout;
+  KVC_RETURN_IF_ERROR((detail::prefill_layout<T, Attention>(config, chunks, layout)));
+  bytes = layout.bytes;
+  return Status::kSuccess;
+}
+
+//! @brief prefill_workspace_size for an initialised store's config. Reads no device memory.
+//! @return as above, and kErrorInvalidArgument when the store is not initialised.
 template <class T, class Attention = LibraryPrefillAttention>
 Status prefill_workspace_size(PagedStore const& store, PrefillBatch const& chunks,
                               std::size_t& bytes) {
-  detail::PrefillLayout layout;
-  KVC_RETURN_IF_ERROR((detail::prefill_layout<T, Attention>(store, chunks, layout)));
-  bytes = layout.bytes;
-  return Status::kSuccess;
+  if (!store.initialized()) return Status::kErrorInvalidArgument;
+  KVC_RETURN_IF_ERROR(detail::check_prefill_pointers(chunks));
+  return prefill_workspace_size<T, Attention>(store.config(), chunks, bytes);
 }
 
 //! @brief Prefills layer `layer` with the step's chunks, after prepare_prefill: one prepare
@@ -287,8 +323,10 @@ template <class T, class Attention = LibraryPrefillAttention>
 Status prefill_layer(PagedStore& store, int layer, T const* q, T const* k, T const* v,
                      PrefillBatch const& chunks, T* out, float* lse, void* workspace,
                      std::size_t workspace_bytes, cudaStream_t stream) {
+  if (!store.initialized()) return Status::kErrorInvalidArgument;
+  KVC_RETURN_IF_ERROR(detail::check_prefill_pointers(chunks));
   detail::PrefillLayout layout;
-  KVC_RETURN_IF_ERROR((detail::prefill_layout<T, Attention>(store, chunks, layout)));
+  KVC_RETURN_IF_ERROR((detail::prefill_layout<T, Attention>(store.config(), chunks, layout)));
   if (layer < 0 || layer >= store.dims().num_layers) return Status::kErrorInvalidArgument;
   if (chunks.batch == 0) return Status::kSuccess;
   if (q == nullptr || k == nullptr || v == nullptr || out == nullptr || workspace == nullptr) {
@@ -321,9 +359,10 @@ Status prefill_layer(PagedStore& store, int layer, T const* q, T const* k, T con
   params.policy = config.policy;
   params.buf = detail::carve_prefill_buffers(layout, base, dmc, scores);
 
-  PrefillParams attention;
-  KVC_RETURN_IF_ERROR(detail::prefill_attention_params<T>(store, layer, chunks, params.buf, v, out,
-                                                          lse, attention));
+  PagedLayerView<T> view;
+  KVC_RETURN_IF_ERROR(store.layer_view<T>(layer, view));
+  PrefillParams attention =
+      detail::prefill_attention_params<T>(config, view, chunks, params.buf, v, out, lse);
   attention.workspace = base + layout.attention;
   attention.workspace_bytes = layout.attention_bytes;
 

@@ -12,6 +12,16 @@
 //!   configuration compiled in the including file, any variant; no library needed.
 //! - `OracleDecodeAttention` (kvc/engine/oracle_attention.cuh): the slow double-precision oracle
 //!   of the tests, any head dim up to 1024 and any group size; for validation only.
+//!
+//! The prefill backend (the `Prefill` parameter) is a type with the static functions
+//! `supported`, `workspace_size(PrefillParams const&, size_t&)` and `run(PrefillParams const&,
+//! cudaStream_t)`:
+//! - `LibraryPrefillAttention` (kvc/cache/prefill.cuh, the default): `kvc_prefill_instances`;
+//! - `InstantiatedPrefillAttention<Variant, T, D, G>` (kvc/engine/instantiated_attention.cuh);
+//! - `DecodePathPrefill` (here): no prefill kernel; each prompt token runs as a decode step of the
+//!   decode backend. Exact for Full and DMC (whose prefill is defined to equal token-by-token
+//!   feeding), refused for H2O and TOVA (their prefill cuts once over the whole chunk); one
+//!   sequence per prefill step. For shapes without a prefill kernel (e.g. with the oracle).
 #pragma once
 
 #include <cstddef>
@@ -38,5 +48,8 @@ struct PrecompiledDecodeAttention {
     return decode_attention(params, stream);
   }
 };
+
+//! Prefill backend tag: the facade feeds prompts through its decode path (see above).
+struct DecodePathPrefill {};
 
 }  // namespace kvc

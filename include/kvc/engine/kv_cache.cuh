@@ -1,9 +1,10 @@
 //! @file
-//! `kvc::KVCache`: the engine-facing facade over the paged store and decode attention, for users
-//! who want one object. It owns its memory (one cudaMalloc at creation for the store and every
-//! scratch array, one cudaMallocHost for the step report) and runs, per decode step, the store's
-//! prepare once and then per layer update + attention (+ evict for H2O/TOVA), writing the
-//! attention output into the caller's buffer. Every call is asynchronous on the caller's stream;
+//! `kvc::KVCache`: the engine-facing facade over the paged store, prefill and decode attention,
+//! for users who want one object. It owns its memory (one cudaMalloc at creation for the store,
+//! the prefill workspace and every scratch array, one cudaMallocHost for the step report) and
+//! runs, per decode step, the store's prepare once and then per layer update + attention (+ evict
+//! for H2O/TOVA), and per prefill step the page allocation once and then per layer the parallel
+//! prefill of kvc/cache/prefill.cuh, writing the attention output into the caller's buffer. Every call is asynchronous on the caller's stream;
 //! only calls named `*_sync` block. Errors are a Status; a call that returns an error has
 //! enqueued nothing and changed nothing.
 //!
@@ -12,7 +13,9 @@
 //!   kvc::KVCache cache;
 //!   kvc::KVCache::create(config, stream, cache);
 //!   int seq; cache.add_sequence(seq, stream);
-//!   for (int l = 0; l < layers; ++l) cache.prefill_layer(seq, l, T, q, k, v, out, stream);
+//!   cache.begin_prefill(&seq, &T, 1, stream);          // or several sequences' chunks at once
+//!   for (int l = 0; l < layers; ++l) cache.prefill_layer(l, q, k, v, out, stream);
+//!   cache.end_prefill(stream);
 //!   cache.begin_step(ids, batch, stream);                 // host ids of the step's rows
 //!   for (int l = 0; l < layers; ++l) cache.decode_layer(l, q, k, v, out, stream);
 //!   cache.end_step(stream);                               // report copied to pinned memory
@@ -25,6 +28,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -34,6 +38,7 @@
 #include "kvc/attention/score_hook.hpp"
 #include "kvc/cache/paged_store.cuh"
 #include "kvc/cache/paged_view.hpp"
+#include "kvc/cache/prefill.cuh"
 #include "kvc/cache/step_report.hpp"
 #include "kvc/cache/store_config.hpp"
 #include "kvc/core/dtype.hpp"
@@ -100,8 +105,9 @@ inline std::size_t align_up(std::size_t bytes, std::size_t alignment) {
 }  // namespace detail
 
 //! The KV cache of a whole model as one object. Policy, dtype and shape are runtime values
-//! (`KVCacheConfig`); the template parameter picks the decode-attention backend
-//! (attention_backend.cuh): `KVCache` uses the precompiled kernels of `kvc_decode_instances`.
+//! (`KVCacheConfig`); the template parameters pick the decode-attention and the prefill backends
+//! (attention_backend.cuh): `KVCache` uses the precompiled kernels of `kvc_decode_instances` and
+//! `kvc_prefill_instances`.
 //!
 //! Sequence ids are the store's sequence slots, 0..max_seqs-1, handed out by add_sequence.
 //!
@@ -110,8 +116,10 @@ inline std::size_t align_up(std::size_t bytes, std::size_t alignment) {
 //! goes on one stream, or on streams ordered by events; calls that change the cache follow each
 //! other in that order. Only `*_sync` calls block; the destructor (cudaFree) synchronises the
 //! device, so destroy a cache when its work is done.
-template <class Attention>
+template <class Attention, class Prefill = LibraryPrefillAttention>
 class BasicKVCache {
+  static constexpr bool kDecodePathPrefill = std::is_same_v<Prefill, DecodePathPrefill>;
+
  public:
   BasicKVCache() = default;
   BasicKVCache(BasicKVCache const&) = delete;
@@ -150,20 +158,21 @@ class BasicKVCache {
     cache.batch_capacity_ = config.batch_capacity();
     cache.probs_stride_ = layout.probs_stride;
     cache.workspace_bytes_ = layout.workspace_bytes;
+    cache.prefill_workspace_bytes_ = layout.prefill_workspace_bytes;
     void* device = nullptr;
     KVC_RETURN_IF_ERROR(detail::cuda_status(cudaMalloc(&device, layout.total)));
     cache.device_ = device;
     cache.device_bytes_ = layout.total;
     void* pinned = nullptr;
-    std::size_t const pinned_bytes =
-        sizeof(StepReport) + sizeof(std::int32_t) * cache.batch_capacity_;
+    int const report_rows = std::max(cache.batch_capacity_, config.max_prefill_seqs);
+    std::size_t const pinned_bytes = sizeof(StepReport) + sizeof(std::int32_t) * report_rows;
     KVC_RETURN_IF_ERROR(detail::cuda_status(cudaMallocHost(&pinned, pinned_bytes)));
     cache.pinned_ = pinned;
     cache.report_ = static_cast<StepReport*>(pinned);
     *cache.report_ = StepReport{};
     cache.row_flags_ =
         reinterpret_cast<std::int32_t*>(static_cast<unsigned char*>(pinned) + sizeof(StepReport));
-    std::fill(cache.row_flags_, cache.row_flags_ + cache.batch_capacity_, 0);
+    std::fill(cache.row_flags_, cache.row_flags_ + report_rows, 0);
     KVC_RETURN_IF_ERROR(
         detail::cuda_status(cudaEventCreateWithFlags(&cache.event_, cudaEventDisableTiming)));
     auto* base = static_cast<unsigned char*>(device);
@@ -172,7 +181,10 @@ class BasicKVCache {
     cache.probs_ =
         layout.probs_stride > 0 ? reinterpret_cast<float*>(base + layout.probs) : nullptr;
     cache.step_slots_ = reinterpret_cast<std::int32_t*>(base + layout.slots);
-    cache.prefill_slot_ = reinterpret_cast<std::int32_t*>(base + layout.prefill_slot);
+    cache.prefill_ids_ = reinterpret_cast<std::int32_t*>(base + layout.prefill_ids);
+    cache.prefill_workspace_ = layout.prefill_workspace_bytes > 0
+                                   ? static_cast<void*>(base + layout.prefill_workspace)
+                                   : nullptr;
     KVC_RETURN_IF_ERROR(cache.store_.init(layout.store, base, layout.store_bytes, stream));
     cache.layer_done_.assign(static_cast<std::size_t>(config.shape.num_layers), 0);
     cache.seen_.assign(static_cast<std::size_t>(config.max_seqs), 0);
@@ -193,16 +205,18 @@ class BasicKVCache {
   bool is_active(int seq) const { return store_.is_active(seq); }
   //! True between begin_step and end_step.
   bool in_step() const { return in_step_; }
+  //! True between begin_prefill and end_prefill.
+  bool in_prefill() const { return in_prefill_; }
 
   //! Takes the lowest free sequence id and zeroes its rows on `stream`. Errors:
   //! kErrorInvalidArgument (no cache, or all max_seqs ids in use); kErrorCuda.
   Status add_sequence(int& seq, cudaStream_t stream) { return store_.add_sequence(seq, stream); }
 
   //! Returns every page of `seq` to the pool on `stream`; the id may be reused. Errors:
-  //! kErrorInvalidSequence (unknown or inactive); kErrorInvalidArgument inside a step (a step's
-  //! rows must stay valid until end_step); kErrorCuda.
+  //! kErrorInvalidSequence (unknown or inactive); kErrorInvalidArgument inside a step or a
+  //! prefill (their rows must stay valid until end_step / end_prefill); kErrorCuda.
   Status release_sequence(int seq, cudaStream_t stream) {
-    if (in_step_) return Status::kErrorInvalidArgument;
+    if (in_step_ || in_prefill_) return Status::kErrorInvalidArgument;
     return store_.release_sequence(seq, stream);
   }
 
@@ -307,55 +321,75 @@ class BasicKVCache {
   //! valid once its report has arrived. // [batch of that step]
   std::int32_t const* row_flags() const { return row_flags_; }
 
-  //! Feeds a prompt of `num_tokens` tokens of sequence `seq` to layer `layer`: q [T, num_q_heads,
-  //! head_dim], k and v [T, num_kv_heads, head_dim] pre-RoPE, out [T, num_q_heads, head_dim]
-  //! (16-byte aligned), lse [T, num_q_heads] or null; device memory in the cache's dtype.
-  //!
-  //! Interim implementation: the prompt runs token by token through the decode path (prepare,
-  //! update, attention, evict per token), so the cache and outputs are exactly those of T decode
-  //! steps. For Full and DMC that is also exactly the reference prefill (DMC's parallel prefill
-  //! is defined to agree with it). For H2O and TOVA the reference prefill keeps the top tokens of
-  //! the whole prompt instead; the two agree while the prompt fits in budget + 1 and differ
-  //! after that. TODO: replace with the parallel store prefill (kvc/cache/prefill*.cuh) once it
-  //! lands; it will then follow the reference prefill for every policy.
-  //!
-  //! Outside a step only. If the pool runs dry at token t, tokens t.. are refused on the device
-  //! (the cache keeps tokens ..t-1 of this layer) and the report says kErrorOutOfPages: release
-  //! the sequence. Errors (nothing enqueued): kErrorInvalidArgument (inside a step, layer out of
-  //! range, num_tokens < 1, null or misaligned pointers); kErrorInvalidSequence; kErrorCuda.
-  Status prefill_layer(int seq, int layer, int num_tokens, void const* q, void const* k,
-                       void const* v, void* out, cudaStream_t stream, float* lse = nullptr) {
-    if (!valid() || in_step_ || layer < 0 || layer >= config_.shape.num_layers || num_tokens < 1) {
+  //! Opens a prefill step: row b is a prompt chunk of num_tokens[b] tokens of sequence
+  //! seq_ids[b] (host arrays, [batch]; distinct active ids, any order), appended to what that
+  //! sequence has cached (the chunk's queries see its cached slots and the chunk causally). The
+  //! rows' tokens are packed in row order in every q/k/v/out of the step: row b's tokens are
+  //! rows sum(num_tokens[0..b)) ... Enqueues the ids (carried in kernel arguments) and the page
+  //! allocation of every layer (one launch). Then prefill_layer(layer, ...) once per layer and
+  //! end_prefill. Per policy, the cache and outputs are those of the reference prefill of each
+  //! chunk (kvc/reference/layer_cache.hpp `prefill`): Full appends; DMC equals feeding the chunk
+  //! token by token; H2O/TOVA attend over the cache and the whole chunk, then cut once to budget.
+  //! Errors (nothing enqueued): kErrorInvalidArgument (no cache, a step or prefill already open,
+  //! batch outside [1, max_prefill_seqs], null arrays, a repeated id, a chunk of fewer than 1
+  //! token, more than max_prefill_tokens tokens in all, or max_prefill_tokens == 0);
+  //! kErrorNotSupported (DecodePathPrefill with batch > 1); kErrorInvalidSequence (an inactive
+  //! id); kErrorCuda. Whether the pool had the pages is known on the device only (end_prefill).
+  Status begin_prefill(int const* seq_ids, int const* num_tokens, int batch, cudaStream_t stream) {
+    return open_prefill(seq_ids, num_tokens, batch, -1, stream);
+  }
+
+  //! One layer of the open prefill step: RoPE, the policy's prefill (DMC's decisions and partial
+  //! means, H2O/TOVA's scores and cut) and the causal attention of every row's chunk. q
+  //! [tokens, num_q_heads, head_dim], k and v [tokens, num_kv_heads, head_dim] pre-RoPE, out
+  //! [tokens, num_q_heads, head_dim] (16-byte aligned; with DecodePathPrefill every token's row
+  //! too), all device memory in the cache's dtype; lse [tokens, num_q_heads] fp32 or null
+  //! (tokens = the step's total). Each layer at most once per step. If the step was refused on
+  //! the device, nothing is written to the cache and `out` is meaningless.
+  //! Errors (nothing enqueued): kErrorInvalidArgument (no open prefill, layer out of range,
+  //! already done, or not the layer the step was opened for; null or misaligned pointers);
+  //! the prefill's own errors; kErrorCuda.
+  Status prefill_layer(int layer, void const* q, void const* k, void const* v, void* out,
+                       cudaStream_t stream, float* lse = nullptr) {
+    if (!in_prefill_ || layer < 0 || layer >= config_.shape.num_layers ||
+        layer_done_[static_cast<std::size_t>(layer)] != 0 ||
+        (prefill_only_layer_ >= 0 && layer != prefill_only_layer_)) {
       return Status::kErrorInvalidArgument;
     }
-    if (!store_.is_active(seq)) return Status::kErrorInvalidSequence;
-    KVC_RETURN_IF_ERROR(check_layer_pointers(q, k, v, out, 1));
-    std::size_t const elem = static_cast<std::size_t>(dtype_size(config_.dtype));
-    std::size_t const q_row =
-        static_cast<std::size_t>(config_.shape.num_q_heads) * config_.shape.head_dim * elem;
-    std::size_t const kv_row =
-        static_cast<std::size_t>(config_.shape.num_kv_heads) * config_.shape.head_dim * elem;
-    if (q_row % 16 != 0) {  // every token's out row must stay 16-byte aligned
-      for (int t = 0; t < num_tokens; ++t) {
-        if (!aligned16(static_cast<unsigned char*>(out) + t * q_row)) {
-          return Status::kErrorInvalidArgument;
-        }
-      }
+    KVC_RETURN_IF_ERROR(run_prefill_layer(layer, q, k, v, out, lse, stream));
+    layer_done_[static_cast<std::size_t>(layer)] = 1;
+    return Status::kSuccess;
+  }
+
+  //! Closes the prefill step: copies its report (and the rows' flags) to pinned host memory and
+  //! records an event, on `stream` (read it with step_status_sync() or poll_step()). Layers not
+  //! prefilled in the step did not see the chunks. Errors: kErrorInvalidArgument (no open
+  //! prefill); kErrorCuda.
+  Status end_prefill(cudaStream_t stream) {
+    if (!in_prefill_) return Status::kErrorInvalidArgument;
+    KVC_RETURN_IF_ERROR(publish_report(kDecodePathPrefill ? 1 : prefill_batch_, stream));
+    in_prefill_ = false;
+    return Status::kSuccess;
+  }
+
+  //! Shorthand for a prefill step of one sequence and one layer: begin_prefill({seq},
+  //! {num_tokens}) restricted to `layer` (pages are taken for that layer only), prefill_layer,
+  //! end_prefill. Call it once per layer with that layer's q/k/v. Outside a step or prefill
+  //! only. Errors: as begin_prefill and prefill_layer (nothing enqueued).
+  Status prefill_layer(int seq, int layer, int num_tokens, void const* q, void const* k,
+                       void const* v, void* out, cudaStream_t stream, float* lse = nullptr) {
+    if (!valid() || layer < 0 || layer >= config_.shape.num_layers) {
+      return Status::kErrorInvalidArgument;
     }
-    KVC_RETURN_IF_ERROR(detail::write_slots_async(prefill_slot_, &seq, 1, stream));
-    auto const* qb = static_cast<unsigned char const*>(q);
-    auto const* kb = static_cast<unsigned char const*>(k);
-    auto const* vb = static_cast<unsigned char const*>(v);
-    auto* ob = static_cast<unsigned char*>(out);
-    for (int t = 0; t < num_tokens; ++t) {
-      KVC_RETURN_IF_ERROR(store_.prepare_decode_step(prefill_slot_, 1, stream));
-      std::size_t const tt = static_cast<std::size_t>(t);
-      KVC_RETURN_IF_ERROR(run_layer(layer, qb + tt * q_row, kb + tt * kv_row, vb + tt * kv_row,
-                                    ob + tt * q_row,
-                                    lse == nullptr ? nullptr : lse + tt * config_.shape.num_q_heads,
-                                    prefill_slot_, 1, stream));
+    // Everything run_prefill_layer checks before it enqueues, checked before the step opens.
+    KVC_RETURN_IF_ERROR(check_prefill_pointers(q, k, v, out, num_tokens));
+    KVC_RETURN_IF_ERROR(open_prefill(&seq, &num_tokens, 1, layer, stream));
+    Status const status = prefill_layer(layer, q, k, v, out, stream, lse);
+    if (status != Status::kSuccess) {
+      in_prefill_ = false;  // only a launch can fail here: the stream is in error anyway
+      return status;
     }
-    return publish_report(1, stream);
+    return end_prefill(stream);
   }
 
   //! Enqueues the accounting on `stream` into caller memory (pinned host memory keeps it
@@ -402,7 +436,8 @@ class BasicKVCache {
     PagedStoreConfig store{};
     std::size_t store_bytes = 0;
     std::size_t workspace = 0, workspace_bytes = 0;
-    std::size_t q_out = 0, probs = 0, slots = 0, prefill_slot = 0;
+    std::size_t q_out = 0, probs = 0, slots = 0, prefill_ids = 0;
+    std::size_t prefill_workspace = 0, prefill_workspace_bytes = 0;
     std::size_t total = 0;
     int probs_stride = 0;
   };
@@ -437,6 +472,7 @@ class BasicKVCache {
     KVC_RETURN_IF_ERROR(
         Attention::workspace_size(attention_shape(config, batch), out.workspace_bytes));
     KVC_RETURN_IF_ERROR(PagedStore::required_bytes(out.store, out.store_bytes));
+    KVC_RETURN_IF_ERROR(prefill_workspace_size(config, out.store, out.prefill_workspace_bytes));
     out.probs_stride = out.store.has_scores() ? out.store.eviction_budget() + 1 : 0;
     std::size_t const rows = static_cast<std::size_t>(batch);
     std::size_t const q_bytes = rows * shape.num_q_heads * shape.head_dim *
@@ -453,14 +489,43 @@ class BasicKVCache {
                          kAlignment);
     out.slots = offset;
     offset = detail::align_up(offset + rows * sizeof(std::int32_t), kAlignment);
-    out.prefill_slot = offset;
-    out.total = detail::align_up(offset + sizeof(std::int32_t), kAlignment);
+    out.prefill_ids = offset;  // [max_prefill_seqs] ids, then [max_prefill_seqs + 1] cu_tokens
+    offset = detail::align_up(
+        offset + (2 * static_cast<std::size_t>(config.max_prefill_seqs) + 1) * sizeof(std::int32_t),
+        kAlignment);
+    out.prefill_workspace = offset;
+    out.total = detail::align_up(offset + out.prefill_workspace_bytes, kAlignment);
     layout = out;
     return Status::kSuccess;
   }
 
+  //! Bytes of the parallel prefill's workspace for max_prefill_seqs chunks of max_prefill_tokens
+  //! tokens in all (0 with DecodePathPrefill or max_prefill_tokens == 0).
+  static Status prefill_workspace_size(KVCacheConfig const& config, PagedStoreConfig const& store,
+                                       std::size_t& bytes) {
+    bytes = 0;
+    if constexpr (kDecodePathPrefill) {
+      // H2O/TOVA prefill cuts once over the whole chunk: decode steps would not.
+      return store.has_scores() ? Status::kErrorNotSupported : Status::kSuccess;
+    } else {
+      if (config.max_prefill_tokens == 0) return Status::kSuccess;
+      ModelShape const& shape = config.shape;
+      if (!Prefill::supported(config.dtype, shape.head_dim, shape.group_size())) {
+        return Status::kErrorNotSupported;
+      }
+      PrefillBatch sizes;
+      sizes.batch = config.max_prefill_seqs;
+      sizes.total_tokens = config.max_prefill_tokens;
+      sizes.max_chunk = config.max_prefill_tokens;
+      return detail::with_storage_type(config.dtype, [&](auto tag) -> Status {
+        using T = typename decltype(tag)::type;
+        return ::kvc::prefill_workspace_size<T, Prefill>(store, sizes, bytes);
+      });
+    }
+  }
+
   Status check_begin(int batch) const {
-    if (!valid() || in_step_ || batch < 0 || batch > batch_capacity_) {
+    if (!valid() || in_step_ || in_prefill_ || batch < 0 || batch > batch_capacity_) {
       return Status::kErrorInvalidArgument;
     }
     return Status::kSuccess;
@@ -515,6 +580,109 @@ class BasicKVCache {
     });
   }
 
+  Status check_prefill_pointers(void const* q, void const* k, void const* v, void const* out,
+                                int tokens) const {
+    KVC_RETURN_IF_ERROR(check_layer_pointers(q, k, v, out, 1));
+    // The parallel prefill loads v 16 bytes at a time.
+    if (!kDecodePathPrefill) return aligned16(v) ? Status::kSuccess : Status::kErrorInvalidArgument;
+    std::size_t const q_row = static_cast<std::size_t>(config_.shape.num_q_heads) *
+                              config_.shape.head_dim * dtype_size(config_.dtype);
+    if (q_row % 16 == 0) return Status::kSuccess;
+    for (int t = 0; t < tokens; ++t) {  // every token's out row is a decode output
+      if (!aligned16(static_cast<unsigned char const*>(out) + t * q_row)) {
+        return Status::kErrorInvalidArgument;
+      }
+    }
+    return Status::kSuccess;
+  }
+
+  //! begin_prefill, for every layer (only_layer < 0) or one.
+  Status open_prefill(int const* seq_ids, int const* num_tokens, int batch, int only_layer,
+                      cudaStream_t stream) {
+    if (!valid() || in_step_ || in_prefill_ || config_.max_prefill_tokens == 0 || batch < 1 ||
+        batch > config_.max_prefill_seqs || seq_ids == nullptr || num_tokens == nullptr) {
+      return Status::kErrorInvalidArgument;
+    }
+    if (kDecodePathPrefill && batch > 1) return Status::kErrorNotSupported;
+    // [seq_ids | cu_tokens], written to the device in one go.
+    std::vector<std::int32_t> ids(static_cast<std::size_t>(2 * batch + 1), 0);
+    Status status = Status::kSuccess;
+    std::int64_t total = 0;
+    int max_chunk = 0;
+    int b = 0;
+    for (; b < batch && status == Status::kSuccess; ++b) {
+      int const id = seq_ids[b];
+      if (!store_.is_active(id)) {
+        status = Status::kErrorInvalidSequence;
+      } else if (seen_[static_cast<std::size_t>(id)] != 0 || num_tokens[b] < 1) {
+        status = Status::kErrorInvalidArgument;
+      } else {
+        seen_[static_cast<std::size_t>(id)] = 1;
+        total += num_tokens[b];
+        max_chunk = std::max(max_chunk, num_tokens[b]);
+        ids[static_cast<std::size_t>(b)] = id;
+        ids[static_cast<std::size_t>(batch + b + 1)] = static_cast<std::int32_t>(
+            std::min<std::int64_t>(total, INT32_MAX));
+      }
+    }
+    for (int i = 0; i < b; ++i) {  // clear the marks of the ids checked
+      int const id = seq_ids[i];
+      if (id >= 0 && id < config_.max_seqs) seen_[static_cast<std::size_t>(id)] = 0;
+    }
+    KVC_RETURN_IF_ERROR(status);
+    if (!kDecodePathPrefill && total > config_.max_prefill_tokens) {
+      return Status::kErrorInvalidArgument;
+    }
+    KVC_RETURN_IF_ERROR(detail::write_slots_async(prefill_ids_, ids.data(),
+                                                  static_cast<int>(ids.size()), stream));
+    prefill_chunks_ = PrefillBatch{prefill_ids_, prefill_ids_ + batch, batch,
+                                   static_cast<int>(total), max_chunk};
+    if (!kDecodePathPrefill) {
+      KVC_RETURN_IF_ERROR(::kvc::prepare_prefill(store_, prefill_chunks_, stream, only_layer));
+    }
+    std::fill(layer_done_.begin(), layer_done_.end(), 0);
+    prefill_batch_ = batch;
+    prefill_only_layer_ = only_layer;
+    in_prefill_ = true;
+    return Status::kSuccess;
+  }
+
+  //! One layer of the open prefill: the store's parallel prefill, or (DecodePathPrefill) the
+  //! chunk's tokens one decode step each.
+  Status run_prefill_layer(int layer, void const* q, void const* k, void const* v, void* out,
+                           float* lse, cudaStream_t stream) {
+    int const tokens = prefill_chunks_.total_tokens;
+    KVC_RETURN_IF_ERROR(check_prefill_pointers(q, k, v, out, tokens));
+    if constexpr (kDecodePathPrefill) {
+      std::size_t const elem = static_cast<std::size_t>(dtype_size(config_.dtype));
+      std::size_t const q_row =
+          static_cast<std::size_t>(config_.shape.num_q_heads) * config_.shape.head_dim * elem;
+      std::size_t const kv_row =
+          static_cast<std::size_t>(config_.shape.num_kv_heads) * config_.shape.head_dim * elem;
+      auto const* qb = static_cast<unsigned char const*>(q);
+      auto const* kb = static_cast<unsigned char const*>(k);
+      auto const* vb = static_cast<unsigned char const*>(v);
+      auto* ob = static_cast<unsigned char*>(out);
+      for (int t = 0; t < tokens; ++t) {
+        KVC_RETURN_IF_ERROR(store_.prepare_decode_step(prefill_ids_, 1, stream));
+        std::size_t const tt = static_cast<std::size_t>(t);
+        KVC_RETURN_IF_ERROR(run_layer(
+            layer, qb + tt * q_row, kb + tt * kv_row, vb + tt * kv_row, ob + tt * q_row,
+            lse == nullptr ? nullptr : lse + tt * config_.shape.num_q_heads, prefill_ids_, 1,
+            stream));
+      }
+      return Status::kSuccess;
+    } else {
+      return detail::with_storage_type(config_.dtype, [&](auto tag) -> Status {
+        using T = typename decltype(tag)::type;
+        return ::kvc::prefill_layer<T, Prefill>(
+            store_, layer, static_cast<T const*>(q), static_cast<T const*>(k),
+            static_cast<T const*>(v), prefill_chunks_, static_cast<T*>(out), lse,
+            prefill_workspace_, prefill_workspace_bytes_, stream);
+      });
+    }
+  }
+
   Status publish_report(int batch, cudaStream_t stream) {
     KVC_RETURN_IF_ERROR(store_.copy_step_report_async(report_, row_flags_, batch, stream));
     return detail::cuda_status(cudaEventRecord(event_, stream));
@@ -545,7 +713,13 @@ class BasicKVCache {
     std::swap(probs_, other.probs_);
     std::swap(probs_stride_, other.probs_stride_);
     std::swap(step_slots_, other.step_slots_);
-    std::swap(prefill_slot_, other.prefill_slot_);
+    std::swap(prefill_ids_, other.prefill_ids_);
+    std::swap(prefill_workspace_, other.prefill_workspace_);
+    std::swap(prefill_workspace_bytes_, other.prefill_workspace_bytes_);
+    std::swap(in_prefill_, other.in_prefill_);
+    std::swap(prefill_chunks_, other.prefill_chunks_);
+    std::swap(prefill_batch_, other.prefill_batch_);
+    std::swap(prefill_only_layer_, other.prefill_only_layer_);
     std::swap(batch_capacity_, other.batch_capacity_);
     std::swap(in_step_, other.in_step_);
     std::swap(step_ids_, other.step_ids_);
@@ -569,16 +743,23 @@ class BasicKVCache {
   float* probs_ = nullptr;  // [batch_capacity, num_q_heads, budget + 1] (H2O/TOVA)
   int probs_stride_ = 0;
   std::int32_t* step_slots_ = nullptr;    // [batch_capacity] ids of the step's rows
-  std::int32_t* prefill_slot_ = nullptr;  // [1] id of the sequence being prefilled
+  std::int32_t* prefill_ids_ = nullptr;   // [max_prefill_seqs] ids, [max_prefill_seqs + 1] cu
+  void* prefill_workspace_ = nullptr;     // the parallel prefill's workspace
+  std::size_t prefill_workspace_bytes_ = 0;
   int batch_capacity_ = 0;
   bool in_step_ = false;
   std::int32_t const* step_ids_ = nullptr;  // device ids of the open step
   int step_batch_ = 0;
+  bool in_prefill_ = false;
+  PrefillBatch prefill_chunks_{};  // the open prefill's rows (device arrays in prefill_ids_)
+  int prefill_batch_ = 0;
+  int prefill_only_layer_ = -1;  // the one layer the open prefill prepared, or -1: all
   std::vector<std::uint8_t> layer_done_;  // [num_layers] decoded in the open step
   std::vector<std::uint8_t> seen_;        // [max_seqs] scratch of begin_step's id check
 };
 
-//! The facade with the precompiled decode attention (link `kvc_decode_instances`).
-using KVCache = BasicKVCache<PrecompiledDecodeAttention>;
+//! The facade with the precompiled decode and prefill attention (link `kvc_decode_instances` and
+//! `kvc_prefill_instances`).
+using KVCache = BasicKVCache<PrecompiledDecodeAttention, LibraryPrefillAttention>;
 
 }  // namespace kvc

@@ -40,6 +40,10 @@ struct KVCacheConfig {
                                //!< and DMC, ignored by H2O and TOVA (their budget bounds it)
   int page_size = kStoreDefaultPageSize;  //!< slots per page
   int num_pages = 0;                      //!< pages in the pool; 0: the no-oversubscription size
+  int max_prefill_tokens = 2048;  //!< prompt tokens of one prefill call, all its sequences
+                                  //!< together (sizes the prefill workspace); longer prompts go
+                                  //!< in chunks; 0: no prefill workspace (prefill refused)
+  int max_prefill_seqs = 1;       //!< sequences of one prefill call (begin_prefill's batch)
 
   //! Rows of a decode step (max_batch, or max_seqs when it is 0).
   int batch_capacity() const { return max_batch > 0 ? max_batch : max_seqs; }
@@ -82,7 +86,8 @@ struct KVCacheConfig {
   //! - kErrorInvalidShape: the shape is invalid (`ModelShape::validate`);
   //! - kErrorInvalidArgument: unknown dtype or policy kind, a negative or non-finite scale,
   //!   max_seqs < 1, max_batch < 0 or above max_seqs, num_pages < 0, a page size out of range,
-  //!   max_tokens_per_seq < 1 for Full or DMC, or sizes that overflow;
+  //!   max_tokens_per_seq < 1 for Full or DMC, max_prefill_tokens < 0, max_prefill_seqs outside
+  //!   [1, max_seqs], or sizes that overflow;
   //! - the policy's own validation (kErrorInvalidArgument for DMC parameters,
   //!   kErrorInvalidBudget for H2O/TOVA budgets) and the store's (`PagedStoreConfig::validate`).
   //! Whether decode attention has a kernel for (dtype, head dim, group size) is checked by
@@ -110,6 +115,9 @@ struct KVCacheConfig {
     if (max_batch < 0 || max_batch > max_seqs) return Status::kErrorInvalidArgument;
     if (num_pages < 0) return Status::kErrorInvalidArgument;
     if (page_size < 1 || page_size > kStoreMaxPageSize) return Status::kErrorInvalidArgument;
+    if (max_prefill_tokens < 0 || max_prefill_seqs < 1 || max_prefill_seqs > max_seqs) {
+      return Status::kErrorInvalidArgument;
+    }
     bool const evicting = policy.kind == PolicyKind::kH2O || policy.kind == PolicyKind::kTova;
     if (!evicting && max_tokens_per_seq < 1) return Status::kErrorInvalidArgument;
     return Status::kSuccess;

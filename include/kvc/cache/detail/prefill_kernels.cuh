@@ -103,12 +103,14 @@ struct PrefillAllocParams {
   int max_chunk = 0;
   PolicyKind kind = PolicyKind::kFull;
   int budget = 0;
+  int first_layer = 0;  // the layers prepared: first_layer .. first_layer + num_layers - 1
+  int num_layers = 0;
 };
 
 //! One block per batch row: checks the row (active slot, a chunk length in [0, max_chunk] inside
-//! [0, total_tokens]), then for every (layer, KV head) of the row's sequence takes the pages that
-//! prefill_slots_needed asks for from the free stack (one compare-and-swap per chunk of heads; a
-//! head's pages are consecutive ranks of a block-wide prefix sum of the demands). The last block
+//! [0, total_tokens]), then for every (layer, KV head) of the row's sequence in the prepared
+//! layers takes the pages that prefill_slots_needed asks for from the free stack (one
+//! compare-and-swap per chunk of heads; a head's pages are consecutive ranks of a block-wide prefix sum of the demands). The last block
 //! folds the rows into the step report, as prepare_step_kernel does. Pages granted to a row that
 //! still fails stay with their heads (spare capacity, as in a refused decode step).
 KVC_GLOBAL void __launch_bounds__(kPrefillAllocThreads)
@@ -134,14 +136,15 @@ KVC_GLOBAL void __launch_bounds__(kPrefillAllocThreads)
   }
   __syncthreads();
   if (valid && tokens > 0) {
-    int const heads = dims.num_layers * dims.num_kv_heads;
+    int const heads = p.num_layers * dims.num_kv_heads;
     for (int first = 0; first < heads; first += blockDim.x) {
       int const index = first + static_cast<int>(threadIdx.x);
       int demand = 0;
       std::int64_t head = 0;
       int count = 0;
       if (index < heads) {
-        head = dims.head_index(index / dims.num_kv_heads, seq, index % dims.num_kv_heads);
+        head = dims.head_index(p.first_layer + index / dims.num_kv_heads, seq,
+                               index % dims.num_kv_heads);
         int const length = a.lengths[head];
         count = a.page_counts[head];
         std::int64_t const slots = prefill_slots_needed(p.kind, p.budget, length, tokens);
