@@ -362,11 +362,10 @@ bool run_gpu(Stream const& stream, PolicyConfig const& config, int prompt, Run c
   using Cache = kvc::BasicKVCache<Attention, Prefill>;
   Cache cache;
   int seq = -1;
-  bool ok =
-      gpu_check(Cache::create(cache_config, cuda_stream, cache), "create") &&
-      gpu_check(cache.add_sequence(seq, cuda_stream), "add_sequence") &&
-      gpu_check(cache.prefill_layer(seq, 0, prompt, q, k, v, outputs, cuda_stream),
-                "prefill_layer");
+  bool ok = gpu_check(Cache::create(cache_config, cuda_stream, cache), "create") &&
+            gpu_check(cache.add_sequence(seq, cuda_stream), "add_sequence") &&
+            gpu_check(cache.prefill_layer(seq, 0, prompt, q, k, v, outputs, cuda_stream),
+                      "prefill_layer");
   for (int t = prompt; t < stream.tokens && ok; ++t) {
     std::size_t const tt = static_cast<std::size_t>(t);
     ok = gpu_check(cache.begin_step(&seq, 1, cuda_stream), "begin_step") &&

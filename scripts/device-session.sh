@@ -2,19 +2,22 @@
 # One device call that does everything the GPU machine is needed for, in an order that keeps the
 # timings clean: GPU tests and the examples' GPU paths, then the microbenchmarks (with the SDPA
 # baselines), then the end-to-end suite, then the Nsight Compute profile of the kernels
-# (scripts/gpu-profile.sh), and only then compute-sanitizer (its jobs are slow and
+# (scripts/gpu-profile.sh), then the GPU differential fuzzer (scripts/gpu-fuzz.sh), and only
+# then compute-sanitizer (its jobs are slow and
 # share the GPU: run before or beside the benchmarks they would slow them down, as happened once
 # on 2026-12-03). Each phase has its own time limit; logs, JSON and plots go to a scratch folder
 # that is packed into $OUT/session.tgz (the device tool returns 8 files at most).
 #
 # Usage (on the GPU machine, repository root, .devbuild and .devdeps carried):
-#   scripts/device-session.sh [--phases tests,bench,suite,profile,sanitize] [--prebuilt DIR]
-#                             [--limits T,B,S,Z] [--profile-limit P] [--tools LIST]
-#   --phases   which phases, always run in the order above (default: all but profile)
+#   scripts/device-session.sh [--phases tests,bench,suite,profile,fuzz,sanitize]
+#                             [--prebuilt DIR] [--limits T,B,S,Z] [--profile-limit P]
+#                             [--fuzz-cases N] [--fuzz-limit F] [--tools LIST]
+#   --phases   which phases, always run in the order above (default: all but profile, fuzz)
 #   --prebuilt build packed by scripts/pack-prebuilt.sh (default: .devbuild)
 #   --limits   seconds for tests, bench, suite, sanitize (default: 170,120,220,200); the
 #              sanitizer jobs get the sanitize limit each and run 10 at a time
 #   --profile-limit  seconds for the profile phase (default: 150)
+#   --fuzz-cases N   cases of the fuzz phase (default: 2000); --fuzz-limit its seconds (300)
 #   --tools    compute-sanitizer tools (default: "memcheck racecheck")
 #   --bench-filter REGEX  --benchmark_filter of the bench phase (default: every benchmark)
 #   --sanitize-filter PATTERN  doctest test-case filter of the sanitize phase (default: all)
@@ -26,6 +29,8 @@ phases="tests,bench,suite,sanitize"
 prebuilt=.devbuild
 limits="170,120,220,200"
 limit_profile=150
+fuzz_cases=2000
+limit_fuzz=300
 tools="memcheck racecheck"
 bench_filter=()
 sanitize_filter=()
@@ -35,10 +40,12 @@ while (($# > 0)); do
     --prebuilt) prebuilt=${2:?--prebuilt needs a directory}; shift ;;
     --limits) limits=${2:?--limits needs four numbers}; shift ;;
     --profile-limit) limit_profile=${2:?--profile-limit needs seconds}; shift ;;
+    --fuzz-cases) fuzz_cases=${2:?--fuzz-cases needs a number}; shift ;;
+    --fuzz-limit) limit_fuzz=${2:?--fuzz-limit needs seconds}; shift ;;
     --tools) tools=${2:?--tools needs a list}; shift ;;
     --bench-filter) bench_filter=(--bench-filter "${2:?--bench-filter needs a regex}"); shift ;;
     --sanitize-filter) sanitize_filter=(--filter "${2:?--sanitize-filter needs a pattern}"); shift ;;
-    -h | --help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "device-session: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -84,6 +91,10 @@ if has_phase profile; then
     --decode decode/mixA_32x4_B64_L4096 --decode decode/mixA_32x32_B8_L4096 \
     --decode decode/full_32x4_B64_L4096 --prefill prefill/causal_32x32_B1_N4096
 fi
+if has_phase fuzz; then
+  phase fuzz "${limit_fuzz}" scripts/gpu-fuzz.sh --build-dir "${build_dir}" \
+    --cases "${fuzz_cases}"
+fi
 if has_phase sanitize; then
   export KVC_STORE_TEST_STEPS=20
   phase sanitize "$((limit_sanitize + 30))" scripts/gpu-sanitize.sh \
@@ -92,7 +103,7 @@ if has_phase sanitize; then
 fi
 
 tar -czf "${final_out}/session.tgz" -C "${scratch}" . || status=1
-for name in tests bench suite profile sanitize; do
+for name in tests bench suite profile fuzz sanitize; do
   [[ -f ${scratch}/${name}.txt ]] || continue
   echo
   echo "=== ${name}: last lines"

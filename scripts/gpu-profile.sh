@@ -104,7 +104,7 @@ for path in sys.argv[1:]:
             continue
         seen.add(kernel)
         get = lambda key: num(r.get(key, "nan"))
-        stalls = "/".join(f"{get('smsp__average_warp_latency_issue_stalled_' + s):.0f}"
+        stalls = "/".join(f"{get('smsp__average_warp_latency_issue_stalled_' + s + '.ratio'):.0f}"
                           for s in ("long_scoreboard", "barrier", "short_scoreboard", "wait"))
         limits = "/".join(f"{get('launch__occupancy_limit_' + s):.0f}"
                           for s in ("registers", "shared_mem", "warps"))

@@ -231,7 +231,8 @@ bool run_prefill_case(PrefillCase const& c, std::mt19937_64& rng) {
     for (int s = 0; s < seqs; ++s) {
       for (int l = 0; l < layers; ++l) {
         test::compare_layer(snap, l, slots[static_cast<std::size_t>(s)],
-                      ref[static_cast<std::size_t>(s)][static_cast<std::size_t>(l)], "prefill");
+                            ref[static_cast<std::size_t>(s)][static_cast<std::size_t>(l)],
+                            "prefill");
         if (config.has_dmc_state()) {
           reference::DmcLayerState const& state =
               sequential[static_cast<std::size_t>(s)][static_cast<std::size_t>(l)];
@@ -289,8 +290,8 @@ bool run_prefill_case(PrefillCase const& c, std::mt19937_64& rng) {
     for (int s = 0; s < seqs; ++s) {
       for (int l = 0; l < layers; ++l) {
         test::compare_cached_heads(snap, l, slots[static_cast<std::size_t>(s)],
-                             ref[static_cast<std::size_t>(s)][static_cast<std::size_t>(l)],
-                             "decode layer " + std::to_string(l));
+                                   ref[static_cast<std::size_t>(s)][static_cast<std::size_t>(l)],
+                                   "decode layer " + std::to_string(l));
       }
     }
   }

@@ -413,8 +413,8 @@ TEST_SUITE("gpu") {
     // Chunked prefill of a long prompt: short chunks after 64k cached slots (split key ranges).
     {
       PrefillCase c = ragged_case(rng, dtype, head_dim, group, 2, 16, {1, 16}, 0);
-      c.prefix = full ? std::vector<int>{65536, 60001, 65536, 1}
-                      : std::vector<int>{8192, 7001, 8192, 1};
+      c.prefix =
+          full ? std::vector<int>{65536, 60001, 65536, 1} : std::vector<int>{8192, 7001, 8192, 1};
       run_and_check(c, rng, guard.stream);
     }
     // Ragged mix: decode-like single tokens, mid-size chunks, a 2k chunk, prefixes up to 4k, DMC

@@ -162,12 +162,13 @@ KVC_GLOBAL void __launch_bounds__(DecodeTraits<T, kHeadDim, kGroupSize>::kThread
   // later one fails too).
   int const schedule = args.params.split.schedule;
   bool const greedy =
-      schedule == 2 || (schedule == 0 && num_items >= kGreedyItemsPerCta * static_cast<long long>(grid));
+      schedule == 2 ||
+      (schedule == 0 && num_items >= kGreedyItemsPerCta * static_cast<long long>(grid));
   int* const s_claims = s_flag + 1;  // [4]
   auto load_item = [&](int ordinal, DecodeWorkItem& item) {
-    long long const index =
-        greedy && ordinal >= 2 ? s_claims[ordinal & 3]
-                               : static_cast<long long>(ordinal) * grid + ((ordinal & 1) ? grid - 1 - cta : cta);
+    long long const index = greedy && ordinal >= 2 ? s_claims[ordinal & 3]
+                                                   : static_cast<long long>(ordinal) * grid +
+                                                         ((ordinal & 1) ? grid - 1 - cta : cta);
     if (index >= num_items) return false;
     item = ws.items[index];
     return true;

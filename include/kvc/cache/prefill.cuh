@@ -280,8 +280,8 @@ inline Status prepare_prefill(PagedStore& store, PrefillBatch const& chunks, cud
 
 //! @brief Device bytes of workspace that prefill_layer needs for `chunks` on a store of
 //! `config` (only the batch, total_tokens and max_chunk of `chunks` matter, its pointers may be
-//! null; any call with sizes at most these fits). Needs no store and no device: size the workspace before the store exists
-//! (as KVCache does, to allocate both at once). `config` must be valid
+//! null; any call with sizes at most these fits). Needs no store and no device: size the workspace
+//! before the store exists (as KVCache does, to allocate both at once). `config` must be valid
 //! (PagedStoreConfig::validate).
 //! @return kSuccess; kErrorInvalidArgument (T not the config's dtype, bad sizes);
 //!         kErrorNotSupported (head dim odd or above 256, DMC window too large); the attention's

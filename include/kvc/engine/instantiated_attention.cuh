@@ -11,8 +11,8 @@
 #include <cuda_runtime.h>
 
 #include "kvc/attention/decode.cuh"
-#include "kvc/attention/prefill.cuh"
 #include "kvc/attention/params.hpp"
+#include "kvc/attention/prefill.cuh"
 #include "kvc/core/dtype.hpp"
 #include "kvc/core/dtype_traits.hpp"
 #include "kvc/core/status.hpp"

@@ -4,9 +4,9 @@
 //! the prefill workspace and every scratch array, one cudaMallocHost for the step report) and
 //! runs, per decode step, the store's prepare once and then per layer update + attention (+ evict
 //! for H2O/TOVA), and per prefill step the page allocation once and then per layer the parallel
-//! prefill of kvc/cache/prefill.cuh, writing the attention output into the caller's buffer. Every call is asynchronous on the caller's stream;
-//! only calls named `*_sync` block. Errors are a Status; a call that returns an error has
-//! enqueued nothing and changed nothing.
+//! prefill of kvc/cache/prefill.cuh, writing the attention output into the caller's buffer. Every
+//! call is asynchronous on the caller's stream; only calls named `*_sync` block. Errors are a
+//! Status; a call that returns an error has enqueued nothing and changed nothing.
 //!
 //! @code
 //!   kvc::KVCacheConfig config;  // shape, dtype, policy, max_seqs, max_tokens_per_seq, ...
@@ -621,8 +621,8 @@ class BasicKVCache {
         total += num_tokens[b];
         max_chunk = std::max(max_chunk, num_tokens[b]);
         ids[static_cast<std::size_t>(b)] = id;
-        ids[static_cast<std::size_t>(batch + b + 1)] = static_cast<std::int32_t>(
-            std::min<std::int64_t>(total, INT32_MAX));
+        ids[static_cast<std::size_t>(batch + b + 1)] =
+            static_cast<std::int32_t>(std::min<std::int64_t>(total, INT32_MAX));
       }
     }
     for (int i = 0; i < b; ++i) {  // clear the marks of the ids checked
@@ -633,10 +633,10 @@ class BasicKVCache {
     if (!kDecodePathPrefill && total > config_.max_prefill_tokens) {
       return Status::kErrorInvalidArgument;
     }
-    KVC_RETURN_IF_ERROR(detail::write_slots_async(prefill_ids_, ids.data(),
-                                                  static_cast<int>(ids.size()), stream));
-    prefill_chunks_ = PrefillBatch{prefill_ids_, prefill_ids_ + batch, batch,
-                                   static_cast<int>(total), max_chunk};
+    KVC_RETURN_IF_ERROR(
+        detail::write_slots_async(prefill_ids_, ids.data(), static_cast<int>(ids.size()), stream));
+    prefill_chunks_ =
+        PrefillBatch{prefill_ids_, prefill_ids_ + batch, batch, static_cast<int>(total), max_chunk};
     if (!kDecodePathPrefill) {
       KVC_RETURN_IF_ERROR(::kvc::prepare_prefill(store_, prefill_chunks_, stream, only_layer));
     }
@@ -666,10 +666,10 @@ class BasicKVCache {
       for (int t = 0; t < tokens; ++t) {
         KVC_RETURN_IF_ERROR(store_.prepare_decode_step(prefill_ids_, 1, stream));
         std::size_t const tt = static_cast<std::size_t>(t);
-        KVC_RETURN_IF_ERROR(run_layer(
-            layer, qb + tt * q_row, kb + tt * kv_row, vb + tt * kv_row, ob + tt * q_row,
-            lse == nullptr ? nullptr : lse + tt * config_.shape.num_q_heads, prefill_ids_, 1,
-            stream));
+        KVC_RETURN_IF_ERROR(
+            run_layer(layer, qb + tt * q_row, kb + tt * kv_row, vb + tt * kv_row, ob + tt * q_row,
+                      lse == nullptr ? nullptr : lse + tt * config_.shape.num_q_heads, prefill_ids_,
+                      1, stream));
       }
       return Status::kSuccess;
     } else {
@@ -753,7 +753,7 @@ class BasicKVCache {
   bool in_prefill_ = false;
   PrefillBatch prefill_chunks_{};  // the open prefill's rows (device arrays in prefill_ids_)
   int prefill_batch_ = 0;
-  int prefill_only_layer_ = -1;  // the one layer the open prefill prepared, or -1: all
+  int prefill_only_layer_ = -1;           // the one layer the open prefill prepared, or -1: all
   std::vector<std::uint8_t> layer_done_;  // [num_layers] decoded in the open step
   std::vector<std::uint8_t> seen_;        // [max_seqs] scratch of begin_step's id check
 };

@@ -40,10 +40,10 @@ struct KVCacheConfig {
                                //!< and DMC, ignored by H2O and TOVA (their budget bounds it)
   int page_size = kStoreDefaultPageSize;  //!< slots per page
   int num_pages = 0;                      //!< pages in the pool; 0: the no-oversubscription size
-  int max_prefill_tokens = 2048;  //!< prompt tokens of one prefill call, all its sequences
+  int max_prefill_tokens = 2048;          //!< prompt tokens of one prefill call, all its sequences
                                   //!< together (sizes the prefill workspace); longer prompts go
                                   //!< in chunks; 0: no prefill workspace (prefill refused)
-  int max_prefill_seqs = 1;       //!< sequences of one prefill call (begin_prefill's batch)
+  int max_prefill_seqs = 1;  //!< sequences of one prefill call (begin_prefill's batch)
 
   //! Rows of a decode step (max_batch, or max_seqs when it is 0).
   int batch_capacity() const { return max_batch > 0 ? max_batch : max_seqs; }

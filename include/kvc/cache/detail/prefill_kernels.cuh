@@ -110,9 +110,10 @@ struct PrefillAllocParams {
 //! One block per batch row: checks the row (active slot, a chunk length in [0, max_chunk] inside
 //! [0, total_tokens]), then for every (layer, KV head) of the row's sequence in the prepared
 //! layers takes the pages that prefill_slots_needed asks for from the free stack (one
-//! compare-and-swap per chunk of heads; a head's pages are consecutive ranks of a block-wide prefix sum of the demands). The last block
-//! folds the rows into the step report, as prepare_step_kernel does. Pages granted to a row that
-//! still fails stay with their heads (spare capacity, as in a refused decode step).
+//! compare-and-swap per chunk of heads; a head's pages are consecutive ranks of a block-wide prefix
+//! sum of the demands). The last block folds the rows into the step report, as prepare_step_kernel
+//! does. Pages granted to a row that still fails stay with their heads (spare capacity, as in a
+//! refused decode step).
 KVC_GLOBAL void __launch_bounds__(kPrefillAllocThreads)
     prefill_allocate_kernel(PrefillAllocParams const p) {
   __shared__ BlockScratch scratch;
