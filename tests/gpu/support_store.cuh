@@ -784,12 +784,13 @@ void compare_layer(StoreSnapshot<T> const& snap, int layer, int slot,
   check_exact_pages(snap, layer, slot, where);
 }
 
-//! The store after a step that must have succeeded: the step report says so, and every page is
-//! accounted for.
+//! The store after a step that must have succeeded: the step report (in `context`, or the
+//! store's own) says so, and every page is accounted for.
 template <class T>
-StoreSnapshot<T> snapshot_after_success(PagedStore const& store, cudaStream_t stream) {
+StoreSnapshot<T> snapshot_after_success(PagedStore const& store, cudaStream_t stream,
+                                        StepContext const* context = nullptr) {
   StepReport report;
-  KVC_STATUS_REQUIRE(store.copy_step_report_async(&report, nullptr, 0, stream));
+  KVC_STATUS_REQUIRE(store.copy_step_report_async(&report, nullptr, 0, stream, context));
   KVC_CUDA_REQUIRE(cudaStreamSynchronize(stream));
   REQUIRE(step_status(report) == Status::kSuccess);
   StoreSnapshot<T> snap = take_snapshot<T>(store, stream);

@@ -51,6 +51,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
@@ -212,22 +213,25 @@ struct StepResult {
   std::vector<std::vector<float>> q_out, out, lse, probs;  // [layer]
 };
 
-//! One store and the buffers of its steps, on the store's stream.
+//! One store and the buffers of its steps, on the store's stream; or (the second constructor)
+//! another rig's store driven from a stream of its own, with its own StepContext.
 template <class T>
 struct Rig {
-  test::StoreFixture fixture;
+  std::unique_ptr<test::StoreFixture> fixture;  // null when the store is another rig's
+  test::Stream own_stream;                      // the stream of a rig on another rig's store
   PagedStore& store;
   cudaStream_t stream;
-  int stride;  // probability row stride (H2O/TOVA: budget + 1)
+  StepContext const* context = nullptr;  // this rig's steps' report (null: the store's own)
+  int stride;                            // probability row stride (H2O/TOVA: budget + 1)
   test::DeviceBuffer<T> q, k, v, q_out, out;
   test::DeviceBuffer<float> lse, probs;
   test::DeviceBuffer<std::int32_t> slots, cu;
   test::DeviceBuffer<unsigned char> workspace;
 
   Rig(PagedStoreConfig const& config, std::size_t max_tokens)
-      : fixture(config),
-        store(fixture.store),
-        stream(fixture.stream.get()),
+      : fixture(std::make_unique<test::StoreFixture>(config)),
+        store(fixture->store),
+        stream(fixture->stream.get()),
         stride(config.has_scores() ? config.eviction_budget() + 1 : 1),
         q(max_tokens * kQRow),
         k(max_tokens * kKvRow),
@@ -238,6 +242,21 @@ struct Rig {
         probs(max_tokens * kQHeads * static_cast<std::size_t>(stride)),
         slots(static_cast<std::size_t>(config.max_seqs)),
         cu(static_cast<std::size_t>(config.max_seqs) + 1) {}
+
+  Rig(Rig& owner, std::size_t max_tokens, StepContext const* step_context)
+      : store(owner.store),
+        stream(own_stream.get()),
+        context(step_context),
+        stride(owner.stride),
+        q(max_tokens * kQRow),
+        k(max_tokens * kKvRow),
+        v(max_tokens * kKvRow),
+        q_out(max_tokens * kQRow),
+        out(max_tokens * kQRow),
+        lse(max_tokens * kQHeads),
+        probs(max_tokens * kQHeads * static_cast<std::size_t>(stride)),
+        slots(static_cast<std::size_t>(store.config().max_seqs)),
+        cu(static_cast<std::size_t>(store.config().max_seqs) + 1) {}
 
   int add() {
     int slot = -1;
@@ -258,11 +277,20 @@ struct Rig {
   //! A decode step of the sequences `batch` (row r: slot batch[r]) with `in`: prepare, then per
   //! layer update, decode_attention (probabilities for H2O/TOVA) and evict.
   StepResult decode(std::vector<std::int32_t> const& batch, Inputs const& in) {
+    begin_decode(batch);
+    return decode_layers(batch, in);
+  }
+  //! The step's prepare (enqueued, nothing waited for).
+  void begin_decode(std::vector<std::int32_t> const& batch) {
+    slots.upload(batch, stream);
+    KVC_STATUS_REQUIRE(
+        store.prepare_decode_step(slots.data(), static_cast<int>(batch.size()), stream, context));
+  }
+  //! The step's layers after begin_decode.
+  StepResult decode_layers(std::vector<std::int32_t> const& batch, Inputs const& in) {
     int const rows = static_cast<int>(batch.size());
     std::size_t const n = batch.size();
     bool const scores = store.config().has_scores();
-    slots.upload(batch, stream);
-    KVC_STATUS_REQUIRE(store.prepare_decode_step(slots.data(), rows, stream));
     StepResult result;
     for (int l = 0; l < kLayers; ++l) {
       upload(in, l);
@@ -271,7 +299,7 @@ struct Rig {
       lse.poison(stream);
       probs.poison(stream);
       KVC_STATUS_REQUIRE(store.update<T>(l, q.data(), k.data(), v.data(), slots.data(), rows,
-                                         q_out.data(), stream));
+                                         q_out.data(), stream, context));
       PagedLayerView<T> view;
       KVC_STATUS_REQUIRE(store.layer_view<T>(l, view));
       DecodeParams params = make_decode_params<T>(view, q_out.data(), slots.data(), rows, kQHeads,
@@ -283,7 +311,7 @@ struct Rig {
       params.workspace = workspace.data();
       params.workspace_bytes = bytes;
       KVC_STATUS_REQUIRE(decode_attention(params, stream));
-      KVC_STATUS_REQUIRE(store.evict(l, params.scores, slots.data(), rows, stream));
+      KVC_STATUS_REQUIRE(store.evict(l, params.scores, slots.data(), rows, stream, context));
       result.q_out.push_back(test::to_floats(q_out.download(stream, n * kQRow)));
       result.out.push_back(test::to_floats(out.download(stream, n * kQRow)));
       result.lse.push_back(lse.download(stream, n * kQHeads));
@@ -307,7 +335,7 @@ struct Rig {
                             *std::max_element(chunks.begin(), chunks.end())};
     std::size_t bytes = 0;
     KVC_STATUS_REQUIRE(prefill_workspace_size<T>(store, step, bytes));
-    KVC_STATUS_REQUIRE(prepare_prefill(store, step, stream));
+    KVC_STATUS_REQUIRE(prepare_prefill(store, step, stream, -1, context));
     StepResult result;
     std::size_t const n = static_cast<std::size_t>(total);
     for (int l = 0; l < kLayers; ++l) {
@@ -316,13 +344,21 @@ struct Rig {
       lse.poison(stream);
       reserve_workspace(bytes);
       KVC_STATUS_REQUIRE(prefill_layer<T>(store, l, q.data(), k.data(), v.data(), step, out.data(),
-                                          lse.data(), workspace.data(), bytes, stream));
+                                          lse.data(), workspace.data(), bytes, stream, context));
       result.out.push_back(test::to_floats(out.download(stream, n * kQRow)));
       result.lse.push_back(lse.download(stream, n * kQHeads));
     }
     return result;
   }
 };
+
+//! Keeps the GPU busy for about `cycles` clock cycles on its stream (holds a step open while
+//! another stream works).
+KVC_GLOBAL void spin_kernel(long long cycles) {
+  long long const start = clock64();
+  while (clock64() - start < cycles) {
+  }
+}
 
 //! Bit-for-bit equality of KV head `kv_head` of (layer, slot) in two stores: slots, positions,
 //! scores and, for DMC, the running sums, weight, ring and group length.
@@ -778,7 +814,83 @@ TEST_SUITE("gpu") {
       }
       for (int s = 0; s < 4; ++s)
         KVC_STATUS_REQUIRE(released.store.release_sequence(s, released.stream));
-      CHECK(released.fixture.stats().pages_free == pool);
+      CHECK(released.fixture->stats().pages_free == pool);
+    }
+  }
+
+  TEST_CASE_TEMPLATE(
+      "hostile gpu: two streams step disjoint sequences of one store, each with its own context", T,
+      KVC_HOSTILE_DTYPES) {
+    KVC_REQUIRE_CUDA_DEVICE();
+    if (!kernels_present<T>()) return;
+    std::mt19937_64 rng(test::test_seed() + 43);
+    INFO("seed " << test::test_seed());
+    DType const dtype = DTypeTraits<T>::kDType;
+    for (PolicyKind kind : kPolicies) {
+      INFO("policy " << policy_name(kind));
+      int const steps = 6;
+      PagedStoreConfig const config = hostile_config(kind, dtype, 6, steps + 1);
+      // Stream A: the store's own context; stream B: its own. Slots 0..3 live; 5 never joins.
+      Rig<T> a(config, 4);
+      test::DeviceBuffer<unsigned char> context_memory(PagedStore::step_context_bytes(config));
+      StepContext context_b;
+      KVC_STATUS_REQUIRE(a.store.init_step_context(context_memory.data(), context_memory.size(),
+                                                   context_b, a.stream));
+      KVC_CUDA_REQUIRE(cudaStreamSynchronize(a.stream));
+      Rig<T> b(a, 4, &context_b);
+      Rig<T> twin(config, 4);  // the same steps, one stream, one after the other
+      for (int s = 0; s < 4; ++s) {
+        REQUIRE(a.add() == s);
+        REQUIRE(twin.add() == s);
+      }
+      std::vector<std::int32_t> const batch_a = {0, 2};
+      std::vector<std::int32_t> const valid_b = {3, 1};
+      std::vector<std::int32_t> const refused_b = {3, 5};  // slot 5 is not active
+      cudaEvent_t prepared = nullptr;
+      KVC_CUDA_REQUIRE(cudaEventCreateWithFlags(&prepared, cudaEventDisableTiming));
+      for (int step = 0; step < steps; ++step) {
+        std::string const what = "step " + std::to_string(step);
+        // B's step is refused every other step: with one shared report, A's update (after the
+        // spin) would then read B's refusal and write nothing.
+        bool const b_refused = step % 2 == 1;
+        std::vector<std::int32_t> const& batch_b = b_refused ? refused_b : valid_b;
+        Inputs const in_a = draw_inputs(rng, dtype, 2);
+        Inputs const in_b = draw_inputs(rng, dtype, 2);
+        // A prepares, then holds its step open (spin) while B prepares on its own stream.
+        a.begin_decode(batch_a);
+        KVC_CUDA_REQUIRE(cudaEventRecord(prepared, a.stream));
+        spin_kernel<<<1, 1, 0, a.stream>>>(2000000);  // about 1 ms
+        KVC_CUDA_REQUIRE(cudaGetLastError());
+        KVC_CUDA_REQUIRE(cudaStreamWaitEvent(b.stream, prepared, 0));
+        b.begin_decode(batch_b);
+        StepResult const got_a = a.decode_layers(batch_a, in_a);
+        StepResult const got_b = b.decode_layers(batch_b, in_b);
+        StepReport report_b;
+        KVC_STATUS_REQUIRE(
+            a.store.copy_step_report_async(&report_b, nullptr, 0, b.stream, &context_b));
+        KVC_CUDA_REQUIRE(cudaStreamSynchronize(b.stream));
+        CHECK(step_status(report_b) ==
+              (b_refused ? Status::kErrorInvalidSequence : Status::kSuccess));
+        StepResult const twin_a = twin.decode(batch_a, in_a);
+        StepResult twin_b;
+        if (!b_refused) twin_b = twin.decode(batch_b, in_b);
+        KVC_CUDA_REQUIRE(cudaStreamSynchronize(b.stream));
+        test::StoreSnapshot<T> const got = test::snapshot_after_success<T>(a.store, a.stream);
+        test::StoreSnapshot<T> const want =
+            test::snapshot_after_success<T>(twin.store, twin.stream);
+        for (int l = 0; l < kLayers; ++l) {
+          std::string const at = what + " layer " + std::to_string(l);
+          require_same_outputs(got_a, twin_a, l, 0, 2, -1, a.stride, at + " stream A");
+          if (!b_refused) require_same_outputs(got_b, twin_b, l, 0, 2, -1, a.stride, at + " B");
+          for (int slot = 0; slot < 4; ++slot) {
+            require_same_tokens_seen(got, want, l, slot, at + " slot " + std::to_string(slot));
+            for (int h = 0; h < kKvHeads; ++h) {
+              require_same_head(got, want, l, slot, h, at + " slot " + std::to_string(slot));
+            }
+          }
+        }
+      }
+      KVC_CUDA_REQUIRE(cudaEventDestroy(prepared));
     }
   }
 }

@@ -131,6 +131,49 @@ class PagedStore {
   PagedStoreConfig const& config() const { return config_; }
   //! Device pointers to every array (for kernels, tests and debugging).
   StoreArrays const& arrays() const { return arrays_; }
+  //! The arrays a step's kernels use: the store's, with the step report and row flags taken
+  //! from `context` when it is not null.
+  StoreArrays step_arrays(StepContext const* context) const {
+    StoreArrays arrays = arrays_;
+    if (context != nullptr) {
+      arrays.report = context->report;
+      arrays.row_flags = context->row_flags;
+      arrays.row_short = context->row_short;
+    }
+    return arrays;
+  }
+
+  //! Device bytes of one extra StepContext for a store of `config` (report and two [max_seqs]
+  //! int32 arrays, plus alignment slack).
+  static std::size_t step_context_bytes(PagedStoreConfig const& config) {
+    std::size_t const rows = sizeof(std::int32_t) * static_cast<std::size_t>(config.max_seqs);
+    return 3 * kStoreAlignment + sizeof(StepReport) + 2 * rows;
+  }
+
+  //! Carves a StepContext out of `device_memory` (at least step_context_bytes bytes) and zeroes
+  //! it on `stream`. Use one context per stream that runs steps concurrently with other streams;
+  //! see the stream rules of docs/paged_store.md. Errors: kErrorInvalidArgument (store not
+  //! initialised, null memory); kErrorSizeMismatch (too few bytes); kErrorCuda.
+  Status init_step_context(void* device_memory, std::size_t bytes, StepContext& out,
+                           cudaStream_t stream) const {
+    if (!initialized_ || device_memory == nullptr) return Status::kErrorInvalidArgument;
+    if (bytes < step_context_bytes(config_)) return Status::kErrorSizeMismatch;
+    auto const address = reinterpret_cast<std::uintptr_t>(device_memory);
+    auto* base = reinterpret_cast<unsigned char*>((address + kStoreAlignment - 1) /
+                                                  kStoreAlignment * kStoreAlignment);
+    std::size_t const rows = sizeof(std::int32_t) * static_cast<std::size_t>(config_.max_seqs);
+    std::size_t const flags_at =
+        (sizeof(StepReport) + kStoreAlignment - 1) / kStoreAlignment * kStoreAlignment;
+    std::size_t const short_at =
+        flags_at + (rows + kStoreAlignment - 1) / kStoreAlignment * kStoreAlignment;
+    KVC_RETURN_IF_ERROR(detail::cuda_status(cudaMemsetAsync(base, 0, short_at + rows, stream)));
+    StepContext context;
+    context.report = reinterpret_cast<StepReport*>(base);
+    context.row_flags = reinterpret_cast<std::int32_t*>(base + flags_at);
+    context.row_short = reinterpret_cast<std::int32_t*>(base + short_at);
+    out = context;
+    return Status::kSuccess;
+  }
   StoreDims const& dims() const { return dims_; }
   //! True when `slot` holds a sequence.
   bool is_active(int slot) const {
@@ -172,15 +215,20 @@ class PagedStore {
   //! from the free stack; records the step's positions; writes the step report. One launch, no
   //! synchronisation. The step's status is only known on the device: read it with
   //! copy_step_report_async / step_status_sync (kErrorOutOfPages, kErrorInvalidSequence).
-  //! Host errors: kErrorInvalidArgument (not initialised, batch < 0 or > max_seqs, null slots);
-  //! kErrorCuda.
-  Status prepare_decode_step(std::int32_t const* seq_slots, int batch, cudaStream_t stream) {
+  //! `context` (optional, also for every later call of the step): where the step keeps its
+  //! report (StepContext; null: the store's own).
+  //! Host errors: kErrorInvalidArgument (not initialised, batch < 0 or > max_seqs, null slots,
+  //! a context with null arrays); kErrorCuda.
+  Status prepare_decode_step(std::int32_t const* seq_slots, int batch, cudaStream_t stream,
+                             StepContext const* context = nullptr) {
     KVC_RETURN_IF_ERROR(check_batch(seq_slots, batch));
+    KVC_RETURN_IF_ERROR(check_context(context));
+    StoreArrays const arrays = step_arrays(context);
     if (batch == 0) {
-      return detail::cuda_status(cudaMemsetAsync(arrays_.report, 0, sizeof(StepReport), stream));
+      return detail::cuda_status(cudaMemsetAsync(arrays.report, 0, sizeof(StepReport), stream));
     }
     detail::PrepareParams params;
-    params.arrays = arrays_;
+    params.arrays = arrays;
     params.dims = dims_;
     params.seq_slots = seq_slots;
     params.batch = batch;
@@ -197,8 +245,9 @@ class PagedStore {
   //! out of range, null pointers); kErrorNotSupported (DMC shared memory above 48 KiB); kErrorCuda.
   template <class T>
   Status update(int layer, T const* q, T const* k, T const* v, std::int32_t const* seq_slots,
-                int batch, T* q_out, cudaStream_t stream) {
+                int batch, T* q_out, cudaStream_t stream, StepContext const* context = nullptr) {
     KVC_RETURN_IF_ERROR(check_batch(seq_slots, batch));
+    KVC_RETURN_IF_ERROR(check_context(context));
     if (DTypeTraits<T>::kDType != config_.dtype || layer < 0 || layer >= dims_.num_layers) {
       return Status::kErrorInvalidArgument;
     }
@@ -207,7 +256,7 @@ class PagedStore {
     }
     if (batch == 0) return Status::kSuccess;
     detail::UpdateParams<T> params;
-    params.arrays = arrays_;
+    params.arrays = step_arrays(context);
     params.dims = dims_;
     params.q = q;
     params.k = k;
@@ -236,8 +285,9 @@ class PagedStore {
   //! DMC. Writes nothing if the step failed. Errors: kErrorInvalidArgument (not initialised, layer
   //! or batch out of range, null pointers, scores.stride < budget + 1); kErrorCuda.
   Status evict(int layer, ScoreHook const& scores, std::int32_t const* seq_slots, int batch,
-               cudaStream_t stream) {
+               cudaStream_t stream, StepContext const* context = nullptr) {
     KVC_RETURN_IF_ERROR(check_batch(seq_slots, batch));
+    KVC_RETURN_IF_ERROR(check_context(context));
     if (layer < 0 || layer >= dims_.num_layers) return Status::kErrorInvalidArgument;
     if (!config_.has_scores()) return Status::kSuccess;
     if (batch > 0 && (scores.probs == nullptr || scores.stride < config_.eviction_budget() + 1)) {
@@ -245,7 +295,7 @@ class PagedStore {
     }
     if (batch == 0) return Status::kSuccess;
     detail::EvictParams params;
-    params.arrays = arrays_;
+    params.arrays = step_arrays(context);
     params.dims = dims_;
     params.probs = scores.probs;
     params.probs_stride = scores.stride;
@@ -272,15 +322,17 @@ class PagedStore {
   //! the copy asynchronous). Read it after the stream reaches this point; step_status() turns it
   //! into a Status. Errors: kErrorInvalidArgument; kErrorCuda.
   Status copy_step_report_async(StepReport* report, std::int32_t* row_flags, int batch,
-                                cudaStream_t stream) const {
+                                cudaStream_t stream, StepContext const* context = nullptr) const {
     if (!initialized_ || report == nullptr || batch < 0 || batch > config_.max_seqs) {
       return Status::kErrorInvalidArgument;
     }
+    KVC_RETURN_IF_ERROR(check_context(context));
+    StoreArrays const arrays = step_arrays(context);
     KVC_RETURN_IF_ERROR(detail::cuda_status(
-        cudaMemcpyAsync(report, arrays_.report, sizeof(StepReport), cudaMemcpyDefault, stream)));
+        cudaMemcpyAsync(report, arrays.report, sizeof(StepReport), cudaMemcpyDefault, stream)));
     if (row_flags != nullptr && batch > 0) {
       KVC_RETURN_IF_ERROR(detail::cuda_status(cudaMemcpyAsync(
-          row_flags, arrays_.row_flags, sizeof(std::int32_t) * batch, cudaMemcpyDefault, stream)));
+          row_flags, arrays.row_flags, sizeof(std::int32_t) * batch, cudaMemcpyDefault, stream)));
     }
     return Status::kSuccess;
   }
@@ -288,9 +340,10 @@ class PagedStore {
   //! Synchronises `stream` (this call blocks) and returns the status of the last step:
   //! kSuccess, kErrorOutOfPages, kErrorInvalidSequence, kErrorInternal (see step_status), or
   //! kErrorInvalidArgument / kErrorCuda for the call itself. `report` (optional) gets the report.
-  Status step_status_sync(cudaStream_t stream, StepReport* report = nullptr) const {
+  Status step_status_sync(cudaStream_t stream, StepReport* report = nullptr,
+                          StepContext const* context = nullptr) const {
     StepReport host;
-    KVC_RETURN_IF_ERROR(copy_step_report_async(&host, nullptr, 0, stream));
+    KVC_RETURN_IF_ERROR(copy_step_report_async(&host, nullptr, 0, stream, context));
     KVC_RETURN_IF_ERROR(detail::cuda_status(cudaStreamSynchronize(stream)));
     if (report != nullptr) *report = host;
     return step_status(host);
@@ -345,6 +398,14 @@ class PagedStore {
     if (!initialized_ || batch < 0 || batch > config_.max_seqs)
       return Status::kErrorInvalidArgument;
     if (batch > 0 && seq_slots == nullptr) return Status::kErrorInvalidArgument;
+    return Status::kSuccess;
+  }
+
+  static Status check_context(StepContext const* context) {
+    if (context != nullptr && (context->report == nullptr || context->row_flags == nullptr ||
+                               context->row_short == nullptr)) {
+      return Status::kErrorInvalidArgument;
+    }
     return Status::kSuccess;
   }
 

@@ -244,11 +244,12 @@ inline PrefillBuffers carve_prefill_buffers(PrefillLayout const& layout, unsigne
 //! or released, or a chunk length outside [0, max_chunk] or past total_tokens). A refused step
 //! changes nothing (pages already granted stay with their heads as spare capacity).
 //! `layer` >= 0 restricts the step to that one layer (then prefill only that layer until the next
-//! prepare_prefill); -1, the default, prepares every layer.
+//! prepare_prefill); -1, the default, prepares every layer. `context` (optional, the same for
+//! every prefill_layer of the step): where the step keeps its report (StepContext).
 //! @return kErrorInvalidArgument (store not initialised, bad sizes, null pointers, layer out of
 //!         range); kErrorCuda.
 inline Status prepare_prefill(PagedStore& store, PrefillBatch const& chunks, cudaStream_t stream,
-                              int layer = -1) {
+                              int layer = -1, StepContext const* context = nullptr) {
   if (!store.initialized() || chunks.batch < 0 || chunks.batch > store.config().max_seqs ||
       chunks.total_tokens < 0 || chunks.max_chunk < 0 || layer < -1 ||
       layer >= store.dims().num_layers) {
@@ -257,7 +258,11 @@ inline Status prepare_prefill(PagedStore& store, PrefillBatch const& chunks, cud
   if (chunks.batch > 0 && (chunks.seq_slots == nullptr || chunks.cu_tokens == nullptr)) {
     return Status::kErrorInvalidArgument;
   }
-  StoreArrays const& arrays = store.arrays();
+  if (context != nullptr && (context->report == nullptr || context->row_flags == nullptr ||
+                             context->row_short == nullptr)) {
+    return Status::kErrorInvalidArgument;
+  }
+  StoreArrays const arrays = store.step_arrays(context);
   if (chunks.batch == 0) {
     return detail::cuda_status(cudaMemsetAsync(arrays.report, 0, sizeof(StepReport), stream));
   }
@@ -318,11 +323,13 @@ Status prefill_workspace_size(PagedStore const& store, PrefillBatch const& chunk
 //!         pointers, v or out not 16-byte aligned, a null workspace); kErrorSizeMismatch (workspace
 //!         below the size query); kErrorNotSupported; the attention's errors; kErrorCuda. On any
 //!         error nothing is launched after the failing step (all host checks run before the first
-//!         launch).
+//!         launch). `context`: the step's StepContext, as given to prepare_prefill (null: the
+//!         store's own).
 template <class T, class Attention = LibraryPrefillAttention>
 Status prefill_layer(PagedStore& store, int layer, T const* q, T const* k, T const* v,
                      PrefillBatch const& chunks, T* out, float* lse, void* workspace,
-                     std::size_t workspace_bytes, cudaStream_t stream) {
+                     std::size_t workspace_bytes, cudaStream_t stream,
+                     StepContext const* context = nullptr) {
   if (!store.initialized()) return Status::kErrorInvalidArgument;
   KVC_RETURN_IF_ERROR(detail::check_prefill_pointers(chunks));
   detail::PrefillLayout layout;
@@ -345,8 +352,9 @@ Status prefill_layer(PagedStore& store, int layer, T const* q, T const* k, T con
   auto const address = reinterpret_cast<std::uintptr_t>(workspace);
   auto* base = reinterpret_cast<unsigned char*>((address + kStoreAlignment - 1) / kStoreAlignment *
                                                 kStoreAlignment);
+  if (context != nullptr && context->report == nullptr) return Status::kErrorInvalidArgument;
   detail::PrefillKernelParams<T> params;
-  params.arrays = store.arrays();
+  params.arrays = store.step_arrays(context);
   params.dims = store.dims();
   params.q = q;
   params.k = k;

@@ -12,6 +12,7 @@
 namespace kvc {
 
 //! Why a batch row failed its step (bits of `StepReport::row_flags` and of the per-row flags).
+//! (StepContext, below, holds a step's report and row flags on the device.)
 enum StepRowFlag : std::int32_t {
   kStepRowOk = 0,
   kStepRowOutOfPages = 1,       //!< the pool had fewer free pages than the row needed
@@ -31,6 +32,18 @@ struct StepReport {
   std::int32_t protocol_errors = 0;  //!< update/evict calls that found a head without room or a
                                      //!< bad slot: a caller bug (a call without its prepare)
   std::int32_t blocks_done = 0;      //!< internal (arrival counter of the prepare kernel)
+};
+
+//! Where a step keeps its report and per-row flags on the device. Every step (decode or prefill)
+//! writes its report at its prepare and reads it in each later kernel (a refused step writes
+//! nothing). By default a store uses its own one context, so steps must follow each other in
+//! stream order; a caller that runs steps on several streams at once (on disjoint sequences)
+//! gives each stream its own context (`PagedStore::step_context_bytes`,
+//! `PagedStore::init_step_context`) and passes it to every call of that stream's steps.
+struct StepContext {
+  StepReport* report = nullptr;       //!< [1] device
+  std::int32_t* row_flags = nullptr;  //!< [max_seqs] device, StepRowFlag bits per batch row
+  std::int32_t* row_short = nullptr;  //!< [max_seqs] device, pages a batch row lacked
 };
 
 //! The Status of a step from its report: kSuccess; kErrorInvalidSequence when a row named an
