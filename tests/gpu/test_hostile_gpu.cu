@@ -676,38 +676,33 @@ bool kernels_present() {
 std::vector<PolicyKind> const kPolicies = {PolicyKind::kFull, PolicyKind::kDmc, PolicyKind::kH2O,
                                            PolicyKind::kTova};
 
+//! Runs `run` for every policy and each of its poisons, on a generator seeded test_seed() + salt.
+void every_poison(std::uint64_t salt, void (*run)(PolicyKind, Poison, float, std::mt19937_64&)) {
+  std::mt19937_64 rng(test::test_seed() + salt);
+  INFO("seed " << test::test_seed());
+  for (PolicyKind kind : kPolicies) {
+    for (std::pair<Poison, float> const& poison : poisons_of(kind)) {
+      INFO("policy " << policy_name(kind) << ", " << poison_name(poison.first) << " = "
+                     << poison.second);
+      run(kind, poison.first, poison.second, rng);
+    }
+  }
+}
+
 }  // namespace
 
 TEST_SUITE("gpu") {
   TEST_CASE_TEMPLATE("hostile gpu: a NaN or an infinity in one row of a decode step stays there", T,
                      KVC_HOSTILE_DTYPES) {
     KVC_REQUIRE_CUDA_DEVICE();
-    if (!kernels_present<T>()) return;
-    std::mt19937_64 rng(test::test_seed() + 40);
-    INFO("seed " << test::test_seed());
-    for (PolicyKind kind : kPolicies) {
-      for (std::pair<Poison, float> const& poison : poisons_of(kind)) {
-        INFO("policy " << policy_name(kind) << ", " << poison_name(poison.first) << " = "
-                       << poison.second);
-        decode_case<T>(kind, poison.first, poison.second, rng);
-      }
-    }
+    if (kernels_present<T>()) every_poison(40, decode_case<T>);
   }
 
   TEST_CASE_TEMPLATE(
       "hostile gpu: a NaN or an infinity in one chunk of a batched store prefill stays there", T,
       KVC_HOSTILE_DTYPES) {
     KVC_REQUIRE_CUDA_DEVICE();
-    if (!kernels_present<T>()) return;
-    std::mt19937_64 rng(test::test_seed() + 41);
-    INFO("seed " << test::test_seed());
-    for (PolicyKind kind : kPolicies) {
-      for (std::pair<Poison, float> const& poison : poisons_of(kind)) {
-        INFO("policy " << policy_name(kind) << ", " << poison_name(poison.first) << " = "
-                       << poison.second);
-        prefill_case<T>(kind, poison.first, poison.second, rng);
-      }
-    }
+    if (kernels_present<T>()) every_poison(41, prefill_case<T>);
   }
 
   TEST_CASE_TEMPLATE(
