@@ -163,6 +163,17 @@ struct StoreSnapshot {
     return dims.head_index(layer, seq, kv_head);
   }
 
+  //! The pages (layer, seq, kv head) holds, in page-table order. // [page_counts of the head]
+  std::vector<std::int32_t> pages(int layer, int seq, int kv_head) const {
+    std::int64_t const index = head_index(layer, seq, kv_head);
+    int const count = page_counts[static_cast<std::size_t>(index)];
+    REQUIRE(count >= 0);
+    REQUIRE(count <= dims.max_pages_per_head);
+    auto const first =
+        page_table.begin() + static_cast<std::ptrdiff_t>(index * dims.max_pages_per_head);
+    return std::vector<std::int32_t>(first, first + count);
+  }
+
   //! The slots of (layer, seq, kv head) in slot order, read through the page table.
   reference::HeadCache head(int layer, int seq, int kv_head) const {
     std::int64_t const index = head_index(layer, seq, kv_head);
@@ -246,13 +257,9 @@ void check_page_accounting(StoreSnapshot<T> const& snap) {
           REQUIRE(length == 0);
           continue;
         }
-        REQUIRE(count >= 0);
-        REQUIRE(count <= d.max_pages_per_head);
         REQUIRE(static_cast<std::int64_t>(length) <=
                 static_cast<std::int64_t>(count) * d.page_size);
-        for (int j = 0; j < count; ++j) {
-          std::int32_t const page =
-              snap.page_table[static_cast<std::size_t>(index * d.max_pages_per_head + j)];
+        for (std::int32_t const page : snap.pages(layer, seq, h)) {  // checks 0 <= count <= max
           REQUIRE(page >= 0);
           REQUIRE(page < d.num_pages);
           ++seen[static_cast<std::size_t>(page)];

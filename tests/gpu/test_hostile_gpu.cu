@@ -743,10 +743,8 @@ TEST_SUITE("gpu") {
           REQUIRE(before.free_count == 0);  // the pool is dry
           for (int l = 0; l < kLayers; ++l) {
             for (int h = 0; h < kKvHeads; ++h) {
-              std::size_t const head = static_cast<std::size_t>(before.head_index(l, gone, h));
-              for (int j = 0; j < before.page_counts[head]; ++j) {
-                gone_pages.push_back(before.page_table[head * before.dims.max_pages_per_head + j]);
-              }
+              std::vector<std::int32_t> const held = before.pages(l, gone, h);
+              gone_pages.insert(gone_pages.end(), held.begin(), held.end());
             }
           }
           KVC_STATUS_REQUIRE(released.store.release_sequence(gone, released.stream));
@@ -797,10 +795,9 @@ TEST_SUITE("gpu") {
           // The newcomer's pages were the released sequence's.
           for (int l = 0; l < kLayers; ++l) {
             for (int h = 0; h < kKvHeads; ++h) {
-              std::size_t const head = static_cast<std::size_t>(sr.head_index(l, gone, h));
-              REQUIRE(sr.page_counts[head] >= 1);
-              for (int j = 0; j < sr.page_counts[head]; ++j) {
-                std::int32_t const page = sr.page_table[head * sr.dims.max_pages_per_head + j];
+              std::vector<std::int32_t> const held = sr.pages(l, gone, h);
+              REQUIRE(!held.empty());
+              for (std::int32_t const page : held) {
                 CHECK(std::find(gone_pages.begin(), gone_pages.end(), page) != gone_pages.end());
               }
             }
