@@ -229,23 +229,7 @@ class BasicKVCache {
   Status begin_step(int const* seq_ids, int batch, cudaStream_t stream) {
     KVC_RETURN_IF_ERROR(check_begin(batch));
     if (batch > 0 && seq_ids == nullptr) return Status::kErrorInvalidArgument;
-    Status status = Status::kSuccess;
-    int b = 0;
-    for (; b < batch && status == Status::kSuccess; ++b) {
-      int const id = seq_ids[b];
-      if (!store_.is_active(id)) {
-        status = Status::kErrorInvalidSequence;
-      } else if (seen_[static_cast<std::size_t>(id)] != 0) {
-        status = Status::kErrorInvalidArgument;
-      } else {
-        seen_[static_cast<std::size_t>(id)] = 1;
-      }
-    }
-    for (int i = 0; i < b; ++i) {  // clear the marks of the ids checked (all of them on success)
-      int const id = seq_ids[i];
-      if (id >= 0 && id < config_.max_seqs) seen_[static_cast<std::size_t>(id)] = 0;
-    }
-    KVC_RETURN_IF_ERROR(status);
+    KVC_RETURN_IF_ERROR(check_distinct_active(seq_ids, batch));
     KVC_RETURN_IF_ERROR(detail::write_slots_async(step_slots_, seq_ids, batch, stream));
     return open_step(step_slots_, batch, stream);
   }
@@ -367,7 +351,7 @@ class BasicKVCache {
   //! prefill); kErrorCuda.
   Status end_prefill(cudaStream_t stream) {
     if (!in_prefill_) return Status::kErrorInvalidArgument;
-    KVC_RETURN_IF_ERROR(publish_report(kDecodePathPrefill ? 1 : prefill_batch_, stream));
+    KVC_RETURN_IF_ERROR(publish_report(kDecodePathPrefill ? 1 : prefill_chunks_.batch, stream));
     in_prefill_ = false;
     return Status::kSuccess;
   }
@@ -596,6 +580,28 @@ class BasicKVCache {
     return Status::kSuccess;
   }
 
+  //! kErrorInvalidSequence when an id is not active, kErrorInvalidArgument when one repeats
+  //! (first failing id wins); host ids [batch].
+  Status check_distinct_active(int const* seq_ids, int batch) {
+    Status status = Status::kSuccess;
+    int b = 0;
+    for (; b < batch && status == Status::kSuccess; ++b) {
+      int const id = seq_ids[b];
+      if (!store_.is_active(id)) {
+        status = Status::kErrorInvalidSequence;
+      } else if (seen_[static_cast<std::size_t>(id)] != 0) {
+        status = Status::kErrorInvalidArgument;
+      } else {
+        seen_[static_cast<std::size_t>(id)] = 1;
+      }
+    }
+    for (int i = 0; i < b; ++i) {  // clear the marks of the ids checked (all of them on success)
+      int const id = seq_ids[i];
+      if (id >= 0 && id < config_.max_seqs) seen_[static_cast<std::size_t>(id)] = 0;
+    }
+    return status;
+  }
+
   //! begin_prefill, for every layer (only_layer < 0) or one.
   Status open_prefill(int const* seq_ids, int const* num_tokens, int batch, int only_layer,
                       cudaStream_t stream) {
@@ -604,32 +610,19 @@ class BasicKVCache {
       return Status::kErrorInvalidArgument;
     }
     if (kDecodePathPrefill && batch > 1) return Status::kErrorNotSupported;
+    KVC_RETURN_IF_ERROR(check_distinct_active(seq_ids, batch));
     // [seq_ids | cu_tokens], written to the device in one go.
     std::vector<std::int32_t> ids(static_cast<std::size_t>(2 * batch + 1), 0);
-    Status status = Status::kSuccess;
     std::int64_t total = 0;
     int max_chunk = 0;
-    int b = 0;
-    for (; b < batch && status == Status::kSuccess; ++b) {
-      int const id = seq_ids[b];
-      if (!store_.is_active(id)) {
-        status = Status::kErrorInvalidSequence;
-      } else if (seen_[static_cast<std::size_t>(id)] != 0 || num_tokens[b] < 1) {
-        status = Status::kErrorInvalidArgument;
-      } else {
-        seen_[static_cast<std::size_t>(id)] = 1;
-        total += num_tokens[b];
-        max_chunk = std::max(max_chunk, num_tokens[b]);
-        ids[static_cast<std::size_t>(b)] = id;
-        ids[static_cast<std::size_t>(batch + b + 1)] =
-            static_cast<std::int32_t>(std::min<std::int64_t>(total, INT32_MAX));
-      }
+    for (int b = 0; b < batch; ++b) {
+      if (num_tokens[b] < 1) return Status::kErrorInvalidArgument;
+      total += num_tokens[b];
+      max_chunk = std::max(max_chunk, num_tokens[b]);
+      ids[static_cast<std::size_t>(b)] = seq_ids[b];
+      ids[static_cast<std::size_t>(batch + b + 1)] =
+          static_cast<std::int32_t>(std::min<std::int64_t>(total, INT32_MAX));
     }
-    for (int i = 0; i < b; ++i) {  // clear the marks of the ids checked
-      int const id = seq_ids[i];
-      if (id >= 0 && id < config_.max_seqs) seen_[static_cast<std::size_t>(id)] = 0;
-    }
-    KVC_RETURN_IF_ERROR(status);
     if (!kDecodePathPrefill && total > config_.max_prefill_tokens) {
       return Status::kErrorInvalidArgument;
     }
@@ -641,7 +634,6 @@ class BasicKVCache {
       KVC_RETURN_IF_ERROR(::kvc::prepare_prefill(store_, prefill_chunks_, stream, only_layer));
     }
     std::fill(layer_done_.begin(), layer_done_.end(), 0);
-    prefill_batch_ = batch;
     prefill_only_layer_ = only_layer;
     in_prefill_ = true;
     return Status::kSuccess;
@@ -718,7 +710,6 @@ class BasicKVCache {
     std::swap(prefill_workspace_bytes_, other.prefill_workspace_bytes_);
     std::swap(in_prefill_, other.in_prefill_);
     std::swap(prefill_chunks_, other.prefill_chunks_);
-    std::swap(prefill_batch_, other.prefill_batch_);
     std::swap(prefill_only_layer_, other.prefill_only_layer_);
     std::swap(batch_capacity_, other.batch_capacity_);
     std::swap(in_step_, other.in_step_);
@@ -751,11 +742,10 @@ class BasicKVCache {
   std::int32_t const* step_ids_ = nullptr;  // device ids of the open step
   int step_batch_ = 0;
   bool in_prefill_ = false;
-  PrefillBatch prefill_chunks_{};  // the open prefill's rows (device arrays in prefill_ids_)
-  int prefill_batch_ = 0;
+  PrefillBatch prefill_chunks_{};         // the open prefill's rows (device arrays in prefill_ids_)
   int prefill_only_layer_ = -1;           // the one layer the open prefill prepared, or -1: all
   std::vector<std::uint8_t> layer_done_;  // [num_layers] decoded in the open step
-  std::vector<std::uint8_t> seen_;        // [max_seqs] scratch of begin_step's id check
+  std::vector<std::uint8_t> seen_;        // [max_seqs] scratch of check_distinct_active
 };
 
 //! The facade with the precompiled decode and prefill attention (link `kvc_decode_instances` and
