@@ -133,6 +133,15 @@ class PagedStore {
   StoreArrays const& arrays() const { return arrays_; }
   //! The arrays a step's kernels use: the store's, with the step report and row flags taken
   //! from `context` when it is not null.
+  //! kErrorInvalidArgument for a context with a null array (null context: kSuccess).
+  static Status check_context(StepContext const* context) {
+    if (context != nullptr && (context->report == nullptr || context->row_flags == nullptr ||
+                               context->row_short == nullptr)) {
+      return Status::kErrorInvalidArgument;
+    }
+    return Status::kSuccess;
+  }
+
   StoreArrays step_arrays(StepContext const* context) const {
     StoreArrays arrays = arrays_;
     if (context != nullptr) {
@@ -146,8 +155,7 @@ class PagedStore {
   //! Device bytes of one extra StepContext for a store of `config` (report and two [max_seqs]
   //! int32 arrays, plus alignment slack).
   static std::size_t step_context_bytes(PagedStoreConfig const& config) {
-    std::size_t const rows = sizeof(std::int32_t) * static_cast<std::size_t>(config.max_seqs);
-    return 3 * kStoreAlignment + sizeof(StepReport) + 2 * rows;
+    return StepContextLayout::of(config).end + kStoreAlignment - 1;
   }
 
   //! Carves a StepContext out of `device_memory` (at least step_context_bytes bytes) and zeroes
@@ -158,19 +166,15 @@ class PagedStore {
                            cudaStream_t stream) const {
     if (!initialized_ || device_memory == nullptr) return Status::kErrorInvalidArgument;
     if (bytes < step_context_bytes(config_)) return Status::kErrorSizeMismatch;
+    StepContextLayout const layout = StepContextLayout::of(config_);
     auto const address = reinterpret_cast<std::uintptr_t>(device_memory);
     auto* base = reinterpret_cast<unsigned char*>((address + kStoreAlignment - 1) /
                                                   kStoreAlignment * kStoreAlignment);
-    std::size_t const rows = sizeof(std::int32_t) * static_cast<std::size_t>(config_.max_seqs);
-    std::size_t const flags_at =
-        (sizeof(StepReport) + kStoreAlignment - 1) / kStoreAlignment * kStoreAlignment;
-    std::size_t const short_at =
-        flags_at + (rows + kStoreAlignment - 1) / kStoreAlignment * kStoreAlignment;
-    KVC_RETURN_IF_ERROR(detail::cuda_status(cudaMemsetAsync(base, 0, short_at + rows, stream)));
+    KVC_RETURN_IF_ERROR(detail::cuda_status(cudaMemsetAsync(base, 0, layout.end, stream)));
     StepContext context;
-    context.report = reinterpret_cast<StepReport*>(base);
-    context.row_flags = reinterpret_cast<std::int32_t*>(base + flags_at);
-    context.row_short = reinterpret_cast<std::int32_t*>(base + short_at);
+    context.report = reinterpret_cast<StepReport*>(base + layout.report);
+    context.row_flags = reinterpret_cast<std::int32_t*>(base + layout.row_flags);
+    context.row_short = reinterpret_cast<std::int32_t*>(base + layout.row_short);
     out = context;
     return Status::kSuccess;
   }
@@ -401,13 +405,20 @@ class PagedStore {
     return Status::kSuccess;
   }
 
-  static Status check_context(StepContext const* context) {
-    if (context != nullptr && (context->report == nullptr || context->row_flags == nullptr ||
-                               context->row_short == nullptr)) {
-      return Status::kErrorInvalidArgument;
+  //! Offsets of a StepContext's arrays from its aligned base (each kStoreAlignment-aligned).
+  struct StepContextLayout {
+    std::size_t report = 0, row_flags = 0, row_short = 0, end = 0;
+    static StepContextLayout of(PagedStoreConfig const& config) {
+      StepContextLayout layout;
+      std::uint64_t const rows = static_cast<std::uint64_t>(config.max_seqs);
+      detail::LayoutBuilder builder;  // max_seqs <= kStoreMaxSeqs: cannot overflow
+      builder.add(layout.report, 1, sizeof(StepReport));
+      builder.add(layout.row_flags, rows, sizeof(std::int32_t));
+      builder.add(layout.row_short, rows, sizeof(std::int32_t));
+      layout.end = builder.end();
+      return layout;
     }
-    return Status::kSuccess;
-  }
+  };
 
   Status launch_reset(int slot, int active, cudaStream_t stream) const {
     detail::ResetParams params;

@@ -247,7 +247,7 @@ inline PrefillBuffers carve_prefill_buffers(PrefillLayout const& layout, unsigne
 //! prepare_prefill); -1, the default, prepares every layer. `context` (optional, the same for
 //! every prefill_layer of the step): where the step keeps its report (StepContext).
 //! @return kErrorInvalidArgument (store not initialised, bad sizes, null pointers, layer out of
-//!         range); kErrorCuda.
+//!         range, a context with a null array); kErrorCuda.
 inline Status prepare_prefill(PagedStore& store, PrefillBatch const& chunks, cudaStream_t stream,
                               int layer = -1, StepContext const* context = nullptr) {
   if (!store.initialized() || chunks.batch < 0 || chunks.batch > store.config().max_seqs ||
@@ -258,10 +258,7 @@ inline Status prepare_prefill(PagedStore& store, PrefillBatch const& chunks, cud
   if (chunks.batch > 0 && (chunks.seq_slots == nullptr || chunks.cu_tokens == nullptr)) {
     return Status::kErrorInvalidArgument;
   }
-  if (context != nullptr && (context->report == nullptr || context->row_flags == nullptr ||
-                             context->row_short == nullptr)) {
-    return Status::kErrorInvalidArgument;
-  }
+  KVC_RETURN_IF_ERROR(PagedStore::check_context(context));
   StoreArrays const arrays = store.step_arrays(context);
   if (chunks.batch == 0) {
     return detail::cuda_status(cudaMemsetAsync(arrays.report, 0, sizeof(StepReport), stream));
@@ -352,7 +349,7 @@ Status prefill_layer(PagedStore& store, int layer, T const* q, T const* k, T con
   auto const address = reinterpret_cast<std::uintptr_t>(workspace);
   auto* base = reinterpret_cast<unsigned char*>((address + kStoreAlignment - 1) / kStoreAlignment *
                                                 kStoreAlignment);
-  if (context != nullptr && context->report == nullptr) return Status::kErrorInvalidArgument;
+  KVC_RETURN_IF_ERROR(PagedStore::check_context(context));
   detail::PrefillKernelParams<T> params;
   params.arrays = store.step_arrays(context);
   params.dims = store.dims();
