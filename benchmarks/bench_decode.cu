@@ -95,7 +95,7 @@ struct Shape {
   bool graph = false;
   int split_waves = 0;  // DecodeParams::split (0: the library default)
   int split_min_chunk = 0;
-  int split_schedule = 0;  // DecodeParams::split.schedule (0: default, 2: greedy)
+  int split_schedule = 0;  // DecodeParams::split.schedule (0: default, 2: greedy, 3: balanced)
 
   std::string key() const {
     return std::string(mix_name(mix)) + "_" + std::to_string(q_heads) + "x" +
@@ -104,7 +104,7 @@ struct Shape {
            (split_waves > 0 || split_min_chunk > 0
                 ? "_w" + std::to_string(split_waves) + "_c" + std::to_string(split_min_chunk)
                 : "") +
-           (split_schedule == 2 ? "_greedy" : "");
+           (split_schedule == 2 ? "_greedy" : "") + (split_schedule == 3 ? "_balanced" : "");
   }
   int group_size() const { return kv_heads > 0 ? q_heads / kv_heads : 0; }
   bool supported() const {
@@ -501,6 +501,11 @@ int main(int argc, char** argv) {
   std::vector<Shape> const main_shapes = g_shapes;
   for (Shape shape : main_shapes) {
     if (shape.graph) continue;
+    shape.split_schedule = 3;  // balanced shares, default minimum (256 slots), and 64
+    add(shape);
+    shape.split_min_chunk = 64;
+    add(shape);
+    shape.split_min_chunk = 0;
     shape.split_schedule = 2;
     add(shape);
     shape.split_schedule = 0;

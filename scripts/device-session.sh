@@ -9,7 +9,7 @@
 # that is packed into $OUT/session.tgz (the device tool returns 8 files at most).
 #
 # Usage (on the GPU machine, repository root, .devbuild and .devdeps carried):
-#   scripts/device-session.sh [--phases tests,bench,suite,profile,fuzz,sanitize]
+#   scripts/device-session.sh [--phases tests,bench,suite,timeline,profile,fuzz,sanitize]
 #                             [--prebuilt DIR] [--limits T,B,S,Z] [--profile-limit P]
 #                             [--fuzz-cases N] [--fuzz-limit F] [--tools LIST]
 #   --phases   which phases, always run in the order above (default: all but profile, fuzz)
@@ -84,6 +84,10 @@ if has_phase suite; then
   phase suite "${limit_suite}" scripts/bench-suite.sh --skip-build --build-dir "${build_dir}" \
     --parts baseline,budget,fixed,plots
 fi
+if has_phase timeline; then
+  # Per-call timeline of decode attention (benchmarks/experiments/decode_timeline.cu).
+  phase timeline 120 "${build_dir}/benchmarks/kvc_decode_timeline"
+fi
 if has_phase profile; then
   # The shapes furthest from their targets (issues 5 and 6) and the dense references.
   phase profile "${limit_profile}" scripts/gpu-profile.sh --build-dir "${build_dir}" \
@@ -103,7 +107,7 @@ if has_phase sanitize; then
 fi
 
 tar -czf "${final_out}/session.tgz" -C "${scratch}" . || status=1
-for name in tests bench suite profile fuzz sanitize; do
+for name in tests bench suite timeline profile fuzz sanitize; do
   [[ -f ${scratch}/${name}.txt ]] || continue
   echo
   echo "=== ${name}: last lines"

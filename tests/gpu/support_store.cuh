@@ -370,9 +370,9 @@ RunSummary run_store_case(RunCase const& c, std::mt19937_64& rng) {
   DType const dtype = DTypeTraits<T>::kDType;
   PagedStoreConfig const config = case_config(c, dtype);
   reference::LayerSpec const spec = layer_spec(config);
-  INFO("case " << c.name << " dtype " << dtype_name(dtype) << " G " << c.group << " page "
+  INFO("case " << c.name << " dtype " << std::string(dtype_name(dtype)) << " G " << c.group << " page "
                << c.page_size << " D " << c.head_dim << " Hkv " << c.kv_heads << " policy "
-               << policy_name(c.policy.kind));
+               << std::string(policy_name(c.policy.kind)));
   REQUIRE(config.validate() == Status::kSuccess);
   int const hq = config.shape.num_q_heads;
   int const hkv = config.shape.num_kv_heads;

@@ -496,7 +496,7 @@ TEST_SUITE("gpu") {
       PagedStoreConfig config = prefill_config(c, DTypeTraits<T>::kDType);
       if (!prefill_attention_supported(config.dtype, c.head_dim, c.group)) continue;
       config.num_pages = 12;  // far below what the batch needs
-      INFO("policy " << policy_name(kind));
+      INFO("policy " << std::string(policy_name(kind)));
       reference::LayerSpec const spec = test::layer_spec(config);
       test::StoreFixture fixture(config);
       test::Stream const& stream = fixture.stream;

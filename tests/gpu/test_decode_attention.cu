@@ -399,6 +399,10 @@ TEST_SUITE("gpu") {
             run_and_check(c, rng, guard.stream);
             c.split = {4, 64, 2};  // the same, CTAs claiming items greedily
             run_and_check(c, rng, guard.stream);
+            // Balanced: equal contiguous shares (of at least 64 slots), heads cut at the shares'
+            // ends, so pieces of any 64-multiple size and position.
+            c.split = {0, 64, 3};
+            run_and_check(c, rng, guard.stream);
           }
         }
       }
@@ -428,6 +432,9 @@ TEST_SUITE("gpu") {
       c.seq_slots = {1, 0};
       c.lengths = {65536, 1, 1, 40000 + static_cast<int>(rng() % 1000)};
       c.q_stddev = 2.5f;  // peaked softmax: a wrong slot or a lost chunk shows
+      run_and_check(c, rng, guard.stream);
+      // Balanced: the 64k head is cut into the most pieces a head may have (kMaxSplits).
+      c.split = {0, 64, 3};
       run_and_check(c, rng, guard.stream);
     }
   }
@@ -461,10 +468,11 @@ TEST_SUITE("gpu") {
           c.split = {1, 1024};
           run_and_check(c, rng, guard.stream);
         }
-        // Both schedules forced (the default picks one by items per CTA): snake, and greedy
-        // (the work list claimed through an atomic counter), on the same lengths: every item
-        // done exactly once, whichever CTA takes it.
-        for (int schedule : {1, 2}) {
+        // Every schedule forced (the default picks snake or greedy by items per CTA): snake,
+        // greedy (the work list claimed through an atomic counter) and balanced (contiguous
+        // equal shares, heads cut at their ends; waves ignored), on the same lengths: every
+        // item done exactly once, whichever CTA takes it.
+        for (int schedule : {1, 2, 3}) {
           for (int waves : {0, 4}) {
             c.split = {waves, waves == 4 ? 64 : 0, schedule};
             run_and_check(c, rng, guard.stream);
@@ -479,23 +487,27 @@ TEST_SUITE("gpu") {
     std::mt19937_64 rng(kvc::test::test_seed() + 3);
     INFO("seed " << kvc::test::test_seed());
     StreamGuard guard;
-    DecodeCase c = shaped_case(DType::kBF16, 128, 4, 2, 16, 5, 3);
-    c.seq_slots = {2, -1, 0, 7, 1};   // rows 1 and 3 are inactive (negative, out of range)
-    c.lengths = {0, 37, 1, 0, 0, 0};  // seq 2: both heads empty
-    PagedLayer layer(c, rng);
-    run_precompiled(layer, guard.stream);
-    Expected const expected = reference_of(layer);
-    for (int b : {1, 3}) {
-      for (int h = 0; h < c.num_q_heads(); ++h)
-        CHECK(std::isinf(expected.lse[b * c.num_q_heads() + h]));
-    }
-    check_against(layer, expected, "inactive rows");
+    for (int schedule : {0, 3}) {  // the default and the balanced plan
+      INFO("schedule " << schedule);
+      DecodeCase c = shaped_case(DType::kBF16, 128, 4, 2, 16, 5, 3);
+      c.split.schedule = schedule;
+      c.seq_slots = {2, -1, 0, 7, 1};   // rows 1 and 3 are inactive (negative, out of range)
+      c.lengths = {0, 37, 1, 0, 0, 0};  // seq 2: both heads empty
+      PagedLayer layer(c, rng);
+      run_precompiled(layer, guard.stream);
+      Expected const expected = reference_of(layer);
+      for (int b : {1, 3}) {
+        for (int h = 0; h < c.num_q_heads(); ++h)
+          CHECK(std::isinf(expected.lse[b * c.num_q_heads() + h]));
+      }
+      check_against(layer, expected, "inactive rows");
 
-    // A batch with no slot at all: only empty heads, no work items.
-    c.seq_slots = {-1, 2, -1, -1, 2};
-    PagedLayer empty(c, rng);
-    run_precompiled(empty, guard.stream);
-    check_against(empty, reference_of(empty), "all empty");
+      // A batch with no slot at all: only empty heads, no work items.
+      c.seq_slots = {-1, 2, -1, -1, 2};
+      PagedLayer empty(c, rng);
+      run_precompiled(empty, guard.stream);
+      check_against(empty, reference_of(empty), "all empty");
+    }
   }
 
   TEST_CASE("decode attention: many short heads per CTA (one-slot and up to 100 slots)") {
@@ -514,6 +526,8 @@ TEST_SUITE("gpu") {
           length = std::uniform_int_distribution<int>(1, max_length)(rng);
         c.probs = max_length > 1;
         run_and_check(c, rng, guard.stream, " lengths 1.." + std::to_string(max_length));
+        c.split = {0, 0, 3};  // balanced: many whole heads per share
+        run_and_check(c, rng, guard.stream, " balanced, lengths 1.." + std::to_string(max_length));
       }
     }
   }
@@ -674,8 +688,8 @@ TEST_SUITE("gpu") {
     params.split.min_chunk = -64;
     expect(params, Status::kErrorInvalidArgument, "split min_chunk -64");
     params = valid;
-    params.split.schedule = 3;
-    expect(params, Status::kErrorInvalidArgument, "split schedule 3");
+    params.split.schedule = 4;
+    expect(params, Status::kErrorInvalidArgument, "split schedule 4");
     params = valid;
     params.cache.head_dim = 96;
     expect(params, Status::kErrorNotSupported, "head dim 96");

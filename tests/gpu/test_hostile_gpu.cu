@@ -32,11 +32,8 @@
 // for the reference): the store writes the poisoned k/v into its slot (RoPE spreads a key's NaN
 // or infinity to the partner element), DMC folds it into the open group's running sums, ring
 // and slot until the group ends, H2O/TOVA accumulate scores from the kernel's probabilities.
-// The precompiled attention kernels differ from the reference there, so the documented NaN LSE
-// and probabilities are not asserted: a query head whose softmax denominator is NaN gets LSE
-// -inf (seen on an H200 for every NaN q and k case, decode and prefill) and, from decode
-// attention, probabilities 0 (the reference: NaN), so an H2O head accumulates nothing from that
-// query instead of NaN scores.
+// A NaN in q or k also makes those query heads' LSE and (decode) probabilities NaN, as in the
+// reference: asserted (the kernels once gave LSE -inf and probabilities 0 there).
 //
 // And a sequence released between steps while the others continue, its slot and pages taken by
 // a new sequence: the others equal the reference and a twin in which nothing was released, bit
@@ -50,10 +47,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <exception>
+#include <functional>
 #include <limits>
 #include <memory>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <doctest/doctest.h>
@@ -620,6 +620,14 @@ struct Twins {
               finite += std::isfinite(got.out[l][row + static_cast<std::size_t>(i)]) ? 1 : 0;
             }
             CHECK_MESSAGE(finite == 0, which << ": " << finite << " finite output elements");
+            // A NaN logit makes the softmax denominator NaN: LSE and probabilities are NaN,
+            // as in the reference (not -inf and 0, which would read as "saw no slot").
+            std::size_t const head_row = t * kQHeads + static_cast<std::size_t>(q_head);
+            CHECK_MESSAGE(std::isnan(got.lse[l][head_row]), which << ": LSE " << got.lse[l][head_row]);
+            if (decode && !got.probs.empty()) {
+              float const p = got.probs[l][head_row * static_cast<std::size_t>(clean.stride)];
+              CHECK_MESSAGE(std::isnan(p), which << ": probability of slot 0 " << p);
+            }
           }
         }
       }
@@ -668,7 +676,7 @@ bool kernels_present() {
       prefill_attention_supported(dtype, kHeadDim, kGroup)) {
     return true;
   }
-  MESSAGE("no attention instance for " << dtype_name(dtype) << ", D " << kHeadDim << ", G "
+  MESSAGE("no attention instance for " << std::string(dtype_name(dtype)) << ", D " << kHeadDim << ", G "
                                        << kGroup << ": skipped");
   return false;
 }
@@ -682,7 +690,7 @@ void every_poison(std::uint64_t salt, void (*run)(PolicyKind, Poison, float, std
   INFO("seed " << test::test_seed());
   for (PolicyKind kind : kPolicies) {
     for (std::pair<Poison, float> const& poison : poisons_of(kind)) {
-      INFO("policy " << policy_name(kind) << ", " << poison_name(poison.first) << " = "
+      INFO("policy " << std::string(policy_name(kind)) << ", " << std::string(poison_name(poison.first)) << " = "
                      << poison.second);
       run(kind, poison.first, poison.second, rng);
     }
@@ -714,7 +722,7 @@ TEST_SUITE("gpu") {
     INFO("seed " << test::test_seed());
     DType const dtype = DTypeTraits<T>::kDType;
     for (PolicyKind kind : kPolicies) {
-      INFO("policy " << policy_name(kind));
+      INFO("policy " << std::string(policy_name(kind)));
       // Every head of 4 sequences takes its one page (page size 4) at step 0: a pool of exactly
       // 4 x 2 layers x 2 KV heads pages is dry from then on, so the newcomer's pages can only be
       // the released sequence's. Nobody else needs a page before the end: lengths reach 4 at
@@ -819,7 +827,7 @@ TEST_SUITE("gpu") {
     INFO("seed " << test::test_seed());
     DType const dtype = DTypeTraits<T>::kDType;
     for (PolicyKind kind : kPolicies) {
-      INFO("policy " << policy_name(kind));
+      INFO("policy " << std::string(policy_name(kind)));
       int const steps = 6;
       PagedStoreConfig const config = hostile_config(kind, dtype, 6, steps + 1);
       // Stream A: the store's own context; stream B: its own. Slots 0..3 live; 5 never joins.
@@ -883,6 +891,94 @@ TEST_SUITE("gpu") {
         }
       }
       KVC_CUDA_REQUIRE(cudaEventDestroy(prepared));
+    }
+  }
+  TEST_CASE_TEMPLATE(
+      "hostile gpu: two host threads step disjoint sequences of one store, each on its own stream",
+      T, KVC_HOSTILE_DTYPES) {
+    // docs/paged_store.md, "Several streams at once": the step calls of one store may come from
+    // several host threads when each drives its own stream and StepContext over disjoint
+    // sequences. Two threads run their steps with no ordering between them (their prepares
+    // race for the free stack on the device); a one-stream twin runs A's steps, then B's. Every
+    // step's outputs and the final cache must equal the twin's bit for bit.
+    KVC_REQUIRE_CUDA_DEVICE();
+    if (!kernels_present<T>()) return;
+    std::mt19937_64 rng(test::test_seed() + 44);
+    INFO("seed " << test::test_seed());
+    DType const dtype = DTypeTraits<T>::kDType;
+    for (PolicyKind kind : kPolicies) {
+      INFO("policy " << std::string(policy_name(kind)));
+      int const steps = test::full_runs() ? 8 : 4;
+      PagedStoreConfig const config = hostile_config(kind, dtype, 4, steps + 1);
+      Rig<T> a(config, 2);
+      test::DeviceBuffer<unsigned char> context_memory(PagedStore::step_context_bytes(config));
+      StepContext context_b;
+      KVC_STATUS_REQUIRE(a.store.init_step_context(context_memory.data(), context_memory.size(),
+                                                   context_b, a.stream));
+      Rig<T> b(a, 2, &context_b);
+      Rig<T> twin(config, 2);
+      for (int s = 0; s < 4; ++s) {
+        REQUIRE(a.add() == s);
+        REQUIRE(twin.add() == s);
+      }
+      KVC_CUDA_REQUIRE(cudaStreamSynchronize(a.stream));  // joins and the context are ready
+      std::vector<std::int32_t> const batch_a = {0, 2};
+      std::vector<std::int32_t> const batch_b = {3, 1};
+      std::vector<Inputs> in_a, in_b;
+      for (int step = 0; step < steps; ++step) {
+        in_a.push_back(draw_inputs(rng, dtype, 2));
+        in_b.push_back(draw_inputs(rng, dtype, 2));
+      }
+      std::vector<StepResult> got_a(static_cast<std::size_t>(steps));
+      std::vector<StepResult> got_b(static_cast<std::size_t>(steps));
+      std::exception_ptr error_a, error_b;
+      auto drive = [steps](Rig<T>& rig, std::vector<std::int32_t> const& batch,
+                           std::vector<Inputs> const& in, std::vector<StepResult>& got,
+                           std::exception_ptr& error) {
+        try {
+          for (int step = 0; step < steps; ++step) {
+            got[static_cast<std::size_t>(step)] = rig.decode(batch, in[static_cast<std::size_t>(step)]);
+          }
+          KVC_CUDA_REQUIRE(cudaStreamSynchronize(rig.stream));
+        } catch (...) {
+          error = std::current_exception();
+        }
+      };
+      std::thread thread_a(drive, std::ref(a), std::cref(batch_a), std::cref(in_a), std::ref(got_a),
+                           std::ref(error_a));
+      std::thread thread_b(drive, std::ref(b), std::cref(batch_b), std::cref(in_b), std::ref(got_b),
+                           std::ref(error_b));
+      thread_a.join();
+      thread_b.join();
+      if (error_a) std::rethrow_exception(error_a);
+      if (error_b) std::rethrow_exception(error_b);
+      StepReport report_a, report_b;
+      KVC_STATUS_REQUIRE(a.store.copy_step_report_async(&report_a, nullptr, 0, a.stream));
+      KVC_STATUS_REQUIRE(
+          a.store.copy_step_report_async(&report_b, nullptr, 0, a.stream, &context_b));
+      KVC_CUDA_REQUIRE(cudaStreamSynchronize(a.stream));
+      CHECK(step_status(report_a) == Status::kSuccess);
+      CHECK(step_status(report_b) == Status::kSuccess);
+
+      for (int step = 0; step < steps; ++step) {
+        std::size_t const s = static_cast<std::size_t>(step);
+        StepResult const twin_a = twin.decode(batch_a, in_a[s]);
+        StepResult const twin_b = twin.decode(batch_b, in_b[s]);
+        for (int l = 0; l < kLayers; ++l) {
+          std::string const at = "step " + std::to_string(step) + " layer " + std::to_string(l);
+          require_same_outputs(got_a[s], twin_a, l, 0, 2, -1, a.stride, at + " thread A");
+          require_same_outputs(got_b[s], twin_b, l, 0, 2, -1, a.stride, at + " thread B");
+        }
+      }
+      test::StoreSnapshot<T> const got = test::snapshot_after_success<T>(a.store, a.stream);
+      test::StoreSnapshot<T> const want = test::snapshot_after_success<T>(twin.store, twin.stream);
+      for (int l = 0; l < kLayers; ++l) {
+        for (int slot = 0; slot < 4; ++slot) {
+          std::string const at = "layer " + std::to_string(l) + " slot " + std::to_string(slot);
+          require_same_tokens_seen(got, want, l, slot, at);
+          for (int h = 0; h < kKvHeads; ++h) require_same_head(got, want, l, slot, h, at);
+        }
+      }
     }
   }
 }

@@ -61,7 +61,7 @@ TEST_SUITE("gpu") {
     std::mt19937_64 rng(seed);
     for (PolicyKind kind :
          {PolicyKind::kFull, PolicyKind::kDmc, PolicyKind::kH2O, PolicyKind::kTova}) {
-      INFO("policy " << policy_name(kind));
+      INFO("policy " << std::string(policy_name(kind)));
       KVCacheConfig const config = base_config(kind);
       bool const evicting = kind == PolicyKind::kH2O || kind == PolicyKind::kTova;
       if (precompiled_available(config)) {
@@ -104,7 +104,7 @@ TEST_SUITE("gpu") {
     std::mt19937_64 rng(test::test_seed());
     for (PolicyKind kind :
          {PolicyKind::kFull, PolicyKind::kDmc, PolicyKind::kH2O, PolicyKind::kTova}) {
-      INFO("policy " << policy_name(kind));
+      INFO("policy " << std::string(policy_name(kind)));
       KVCacheConfig const config = base_config(kind);
       Harness<OracleDecodeAttention> h(config);
       int const other = h.join();  // a sequence that must not be touched
@@ -165,7 +165,7 @@ TEST_SUITE("gpu") {
     KVC_REQUIRE_CUDA_DEVICE();
     std::mt19937_64 rng(test::test_seed());
     for (PolicyKind kind : {PolicyKind::kFull, PolicyKind::kDmc}) {
-      INFO("policy " << policy_name(kind));
+      INFO("policy " << std::string(policy_name(kind)));
       Harness<OracleDecodeAttention, DecodePathPrefill> h(base_config(kind));
       int const a = h.join();
       h.prefill(rng, {a}, {30}, "decode-path prefill", true);
@@ -189,7 +189,7 @@ TEST_SUITE("gpu") {
     KVC_REQUIRE_CUDA_DEVICE();
     std::mt19937_64 rng(test::test_seed());
     for (PolicyKind kind : {PolicyKind::kDmc, PolicyKind::kH2O}) {
-      INFO("policy " << policy_name(kind));
+      INFO("policy " << std::string(policy_name(kind)));
       KVCacheConfig const config = base_config(kind);
       Harness<OracleDecodeAttention> h(config);
       h.run(rng, 50, 0.03);

@@ -178,7 +178,7 @@ TEST_SUITE("host") {
          {PolicyKind::kFull, PolicyKind::kDmc, PolicyKind::kH2O, PolicyKind::kTova}) {
       for (Poison poison : {Poison::kQ, Poison::kK, Poison::kV}) {
         for (float value : {kNaN, kInf, -kInf}) {
-          INFO("policy " << policy_name(kind) << ", poison " << static_cast<int>(poison)
+          INFO("policy " << std::string(policy_name(kind)) << ", poison " << static_cast<int>(poison)
                          << ", value " << value);
           check_containment(kind, poison, value, seed);
         }

@@ -146,7 +146,7 @@ TEST_SUITE("host") {
           LayerSpec spec = make_spec(group * kv, kv, d, dtype);
           if (trial == 2) spec.scale = 0.37f;
           double const scale = trial == 2 ? double(0.37f) : 1.0 / std::sqrt(double(d));
-          INFO("G " << group << " kv " << kv << " D " << d << " " << dtype_name(dtype) << " scale "
+          INFO("G " << group << " kv " << kv << " D " << d << " " << std::string(dtype_name(dtype)) << " scale "
                     << scale);
           std::vector<HeadCache> heads;
           for (int h = 0; h < kv; ++h) heads.push_back(random_head(rng, slot_dist(rng), d, dtype));

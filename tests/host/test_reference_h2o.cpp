@@ -328,7 +328,7 @@ TEST_SUITE("host") {
     H2OConfig const configs[] = {{6, 4}, {10, 0}, {1, 9}, {1, 1}};
     test::for_each_swept_spec(configs, [&](LayerSpec const& spec, H2OConfig const& config) {
       INFO("Hq " << spec.num_q_heads << " Hkv " << spec.num_kv_heads << " D " << spec.head_dim
-                 << " " << dtype_name(spec.dtype) << " " << rope_layout_name(spec.rope.layout)
+                 << " " << std::string(dtype_name(spec.dtype)) << " " << std::string(rope_layout_name(spec.rope.layout))
                  << " heavy " << config.heavy << " recent " << config.recent);
       // Decode from empty, a prefill chunk that overflows the budget (appended to unordered
       // slots), more decode, a small chunk, more decode.
@@ -360,7 +360,7 @@ TEST_SUITE("host") {
     for (H2OConfig const config :
          {H2OConfig{6, 5}, H2OConfig{11, 0}, H2OConfig{0, 11}, H2OConfig{1, 1}}) {
       for (DType dtype : {DType::kF32, DType::kBF16}) {
-        INFO("heavy " << config.heavy << " recent " << config.recent << " " << dtype_name(dtype));
+        INFO("heavy " << config.heavy << " recent " << config.recent << " " << std::string(dtype_name(dtype)));
         LayerSpec const spec = make_spec(8, 2, 16, dtype);
         Inputs const in = random_inputs(rng, spec, tokens);
         PrefillInput const input = chunk_input(spec, in, 0, tokens);

@@ -113,7 +113,7 @@ TEST_SUITE("host") {
     std::mt19937_64 rng(test::test_seed());
     INFO("seed " << test::test_seed());
     for (DType dtype : {DType::kF32, DType::kBF16}) {
-      INFO("dtype " << dtype_name(dtype));
+      INFO("dtype " << std::string(dtype_name(dtype)));
       LayerSpec const spec = gqa_spec(dtype);
       Stream const stream = make_stream(rng, spec, 48);
       int const prompt = 20;
@@ -222,7 +222,7 @@ TEST_SUITE("host") {
     PolicyConfig config;
     for (PolicyKind kind :
          {PolicyKind::kFull, PolicyKind::kDmc, PolicyKind::kH2O, PolicyKind::kTova}) {
-      INFO("policy " << policy_name(kind));
+      INFO("policy " << std::string(policy_name(kind)));
       config.kind = kind;
       config.h2o = H2OConfig{3, 5};
       config.tova = TovaConfig{6, false};
@@ -320,7 +320,7 @@ TEST_SUITE("host") {
     Stream const stream = make_stream(rng, spec, 4);
     for (PolicyKind kind :
          {PolicyKind::kFull, PolicyKind::kDmc, PolicyKind::kH2O, PolicyKind::kTova}) {
-      INFO("policy " << policy_name(kind));
+      INFO("policy " << std::string(policy_name(kind)));
       PolicyConfig config;
       config.kind = kind;
       LayerCache cache;

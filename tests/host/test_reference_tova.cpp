@@ -300,7 +300,7 @@ TEST_SUITE("host") {
     TovaConfig const configs[] = {{9, false}, {9, true}, {1, false}, {1, true}, {16, false}};
     test::for_each_swept_spec(configs, [&](LayerSpec const& spec, TovaConfig const& config) {
       INFO("Hq " << spec.num_q_heads << " Hkv " << spec.num_kv_heads << " D " << spec.head_dim
-                 << " " << dtype_name(spec.dtype) << " " << rope_layout_name(spec.rope.layout)
+                 << " " << std::string(dtype_name(spec.dtype)) << " " << std::string(rope_layout_name(spec.rope.layout))
                  << " budget " << config.budget << " protect_new " << config.protect_new);
       std::vector<int> plan(25, 0);
       plan.push_back(13);

@@ -89,7 +89,7 @@ Status DecodeAttention<Variant, T, kHeadDim, kGroupSize>::run(DecodeParams const
     return Status::kErrorInvalidArgument;
   if (params.split.waves < 0 || params.split.waves > detail::kTargetWaves ||
       params.split.min_chunk < 0 || params.split.min_chunk % detail::kChunkQuantum != 0 ||
-      params.split.schedule < 0 || params.split.schedule > 2) {
+      params.split.schedule < 0 || params.split.schedule > detail::kScheduleBalanced) {
     return Status::kErrorInvalidArgument;
   }
   if (params.batch == 0) return Status::kSuccess;
@@ -124,6 +124,7 @@ Status DecodeAttention<Variant, T, kHeadDim, kGroupSize>::run(DecodeParams const
   plan.grid = grid;
   plan.waves = params.split.waves > 0 ? params.split.waves : detail::kDefaultWaves;
   plan.min_chunk = params.split.min_chunk > 0 ? params.split.min_chunk : detail::kDefaultMinChunk;
+  plan.balanced = params.split.schedule == detail::kScheduleBalanced;
   plan.ws = ws;
 
   detail::DecodeKernelArgs<T> args;

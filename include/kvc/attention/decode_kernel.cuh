@@ -23,6 +23,7 @@
 #include "kvc/attention/decode_primitives.cuh"
 #include "kvc/attention/decode_simt.cuh"
 #include "kvc/attention/decode_tc.cuh"
+#include "kvc/attention/decode_trace.cuh"
 #include "kvc/attention/params.hpp"
 #include "kvc/core/dtype_traits.hpp"
 #include "kvc/core/macros.hpp"
@@ -128,7 +129,17 @@ KVC_GLOBAL void __launch_bounds__(DecodeTraits<T, kHeadDim, kGroupSize>::kThread
   unsigned char* const q_ring = smem + Traits::kQRingOffset;                  // [stages][G][D]
 
   // Everything below reads what the plan kernel wrote.
+#if defined(KVC_DECODE_TRACE)
+  unsigned long long const trace_entry = KVC_DECODE_TRACE_NOW();
   grid_dependency_wait();
+  if (threadIdx.x == 0) {
+    KVC_DECODE_TRACE_CTA(0, trace_entry);
+    KVC_DECODE_TRACE_CTA(1, KVC_DECODE_TRACE_NOW());
+  }
+  int trace_items = 0;
+#else
+  grid_dependency_wait();
+#endif
 
   int const tid = static_cast<int>(threadIdx.x);
   int const lane = tid & 31;
@@ -160,16 +171,31 @@ KVC_GLOBAL void __launch_bounds__(DecodeTraits<T, kHeadDim, kGroupSize>::kThread
   // call follows a __syncthreads, so a claim is visible when its turn is loaded. Claims are
   // monotonic, so a CTA never stops with a claimed item undone (a failed claim means every
   // later one fails too).
+  // Balanced: the plan gave CTA c the contiguous items [cta_first[c], cta_first[c + 1]).
   int const schedule = args.params.split.schedule;
+  bool const balanced = schedule == kScheduleBalanced;
   bool const greedy =
-      schedule == 2 ||
+      schedule == kScheduleGreedy ||
       (schedule == 0 && num_items >= kGreedyItemsPerCta * static_cast<long long>(grid));
   int* const s_claims = s_flag + 1;  // [4]
+  int own_begin = 0;
+  int own_end = 0;
+  if (balanced) {
+    int const used = ws.counters[3];
+    own_begin = cta < used ? ws.cta_first[cta] : 0;
+    own_end = cta < used ? (cta + 1 < used ? ws.cta_first[cta + 1] : num_items) : 0;
+  }
   auto load_item = [&](int ordinal, DecodeWorkItem& item) {
-    long long const index = greedy && ordinal >= 2 ? s_claims[ordinal & 3]
-                                                   : static_cast<long long>(ordinal) * grid +
-                                                         ((ordinal & 1) ? grid - 1 - cta : cta);
-    if (index >= num_items) return false;
+    long long index;
+    if (balanced) {
+      index = own_begin + ordinal;
+      if (index >= own_end) return false;
+    } else {
+      index = greedy && ordinal >= 2 ? s_claims[ordinal & 3]
+                                     : static_cast<long long>(ordinal) * grid +
+                                           ((ordinal & 1) ? grid - 1 - cta : cta);
+      if (index >= num_items) return false;
+    }
     item = ws.items[index];
     return true;
   };
@@ -278,19 +304,27 @@ KVC_GLOBAL void __launch_bounds__(DecodeTraits<T, kHeadDim, kGroupSize>::kThread
   };
 
   auto epilogue = [&](DecodeWorkItem const& item, long long q_row0) {
+#if defined(KVC_DECODE_TRACE)
+    ++trace_items;
+#endif
     state.publish(s_m, s_l, warp, lane);
     __syncthreads();
     if (tid < kGroupSize) {
       float top = -INFINITY;
 #pragma unroll
       for (int w = 0; w < kWarps; ++w) top = fmaxf(top, s_m[w * 8 + tid]);
+      // A warp that saw no slot has m = -inf and l = 0; one whose logits held a NaN has l = NaN
+      // (fmaxf drops NaN from m). sum is 0 exactly for a head that saw no slot, NaN for a
+      // poisoned one, so a NaN logit gives NaN output, LSE and probabilities, as the reference.
       float sum = 0.0f;
-      if (top != -INFINITY) {
 #pragma unroll
-        for (int w = 0; w < kWarps; ++w) sum += s_l[w * 8 + tid] * exp2_approx(s_m[w * 8 + tid] - top);
+      for (int w = 0; w < kWarps; ++w) {
+        float const m = s_m[w * 8 + tid];
+        float const l = s_l[w * 8 + tid];
+        sum += m == -INFINITY ? l : l * exp2_approx(m - top);
       }
-      s_inv[tid] = sum > 0.0f ? 1.0f / sum : 0.0f;
-      s_lse2[tid] = sum > 0.0f ? top + log2f(sum) : -INFINITY;
+      s_inv[tid] = sum == 0.0f ? 0.0f : 1.0f / sum;
+      s_lse2[tid] = sum == 0.0f ? -INFINITY : top + log2f(sum);
     }
 #pragma unroll 1
     for (int w = 0; w < kWarps; ++w) {
@@ -337,7 +371,9 @@ KVC_GLOBAL void __launch_bounds__(DecodeTraits<T, kHeadDim, kGroupSize>::kThread
       float merged = -INFINITY;
       float wa = 0.0f;
       float wb = 0.0f;
-      if (top != -INFINITY) {
+      // fmaxf drops NaN: a poisoned partial LSE must still make the merged one NaN.
+      bool const poisoned = __any_sync(0xffffffffu, isnan(a) || isnan(b));
+      if (top != -INFINITY || poisoned) {
         float sum = exp2_approx(a - top) + exp2_approx(b - top);
 #pragma unroll
         for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
@@ -461,9 +497,17 @@ KVC_GLOBAL void __launch_bounds__(DecodeTraits<T, kHeadDim, kGroupSize>::kThread
       if (p_has && tid < kTileSlots) next_row = tile_row(tid);
     }
     cp_async_commit();
+    if (i == 0 && tid == 0) KVC_DECODE_TRACE_CTA(2, KVC_DECODE_TRACE_NOW());
     consume(i % kStages);
   }
   cp_async_wait<0>();
+#if defined(KVC_DECODE_TRACE)
+  if (tid == 0) {
+    KVC_DECODE_TRACE_CTA(3, KVC_DECODE_TRACE_NOW());
+    KVC_DECODE_TRACE_CTA(4, static_cast<unsigned long long>(issued));
+    KVC_DECODE_TRACE_CTA(5, static_cast<unsigned long long>(trace_items));
+  }
+#endif
 }
 
 }  // namespace kvc::detail

@@ -23,6 +23,7 @@
 #include <cstdint>
 
 #include "kvc/attention/decode_primitives.cuh"
+#include "kvc/attention/decode_trace.cuh"
 #include "kvc/core/macros.hpp"
 
 namespace kvc::detail {
@@ -42,6 +43,10 @@ inline constexpr int kDefaultMinChunk = 256;  //!< smallest chunk by default (sl
 // 73 % to 84 % (mix B) of the read bandwidth and was 3 % slower on GQA mixes of about 2 items
 // per CTA (benchmarks/RESULTS.md, 2026-12-03).
 inline constexpr int kGreedyItemsPerCta = 3;
+//! SplitPolicy::schedule values (0: the default, see DecodeParams).
+inline constexpr int kScheduleSnake = 1;
+inline constexpr int kScheduleGreedy = 2;
+inline constexpr int kScheduleBalanced = 3;
 inline constexpr int kPlanThreads = 1024;  //!< the plan kernel's single block
 
 //! One unit of work: slots [begin, end) of one (batch row, KV head). 32 bytes.
@@ -58,10 +63,11 @@ struct alignas(16) DecodeWorkItem {
 
 //! Device pointers into the caller's workspace.
 struct DecodeWorkspace {
-  int* counters = nullptr;            //!< [4]: work items, empty heads, greedy claims
+  int* counters = nullptr;            //!< [4]: work items, empty heads, greedy claims, CTAs used
   int* head_length = nullptr;         //!< [heads] clamped length of each (row, KV head)
   int* arrivals = nullptr;            //!< [heads] finished chunks per head (zeroed by the plan)
   int* empty_heads = nullptr;         //!< [heads] heads of length 0
+  int* cta_first = nullptr;           //!< [grid] balanced schedule: first item of each CTA
   DecodeWorkItem* items = nullptr;    //!< [item_capacity]
   float* partial_out = nullptr;       //!< [partial_capacity, G, D] normalised partial outputs
   float* partial_lse = nullptr;       //!< [partial_capacity, G] partial LSE (log2 units)
@@ -71,7 +77,7 @@ struct DecodeWorkspace {
 
 //! Byte layout of the workspace for (heads, G, D, grid). Host and device.
 struct DecodeWorkspaceLayout {
-  std::size_t counters = 0, head_length = 0, arrivals = 0, empty_heads = 0, items = 0;
+  std::size_t counters = 0, head_length = 0, arrivals = 0, empty_heads = 0, cta_first = 0, items = 0;
   std::size_t partial_out = 0, partial_lse = 0, bytes = 0;
   int item_capacity = 0;
   int partial_capacity = 0;
@@ -92,6 +98,8 @@ struct DecodeWorkspaceLayout {
     offset = align(offset + heads * sizeof(int));
     layout.empty_heads = offset;
     offset = align(offset + heads * sizeof(int));
+    layout.cta_first = offset;
+    offset = align(offset + static_cast<std::size_t>(grid) * sizeof(int));
     layout.items = offset;
     offset = align(offset + static_cast<std::size_t>(layout.item_capacity) * sizeof(DecodeWorkItem));
     layout.partial_out = offset;
@@ -110,6 +118,7 @@ struct DecodeWorkspaceLayout {
     ws.head_length = reinterpret_cast<int*>(bytes_base + head_length);
     ws.arrivals = reinterpret_cast<int*>(bytes_base + arrivals);
     ws.empty_heads = reinterpret_cast<int*>(bytes_base + empty_heads);
+    ws.cta_first = reinterpret_cast<int*>(bytes_base + cta_first);
     ws.items = reinterpret_cast<DecodeWorkItem*>(bytes_base + items);
     ws.partial_out = reinterpret_cast<float*>(bytes_base + partial_out);
     ws.partial_lse = reinterpret_cast<float*>(bytes_base + partial_lse);
@@ -130,6 +139,7 @@ struct DecodePlanArgs {
   int grid = 0;        //!< CTAs of the persistent attention kernel
   int waves = kDefaultWaves;         //!< chunks per CTA aimed for, 1..kTargetWaves
   int min_chunk = kDefaultMinChunk;  //!< smallest chunk, a multiple of kChunkQuantum
+  bool balanced = false;             //!< kScheduleBalanced: contiguous equal shares per CTA
   DecodeWorkspace ws{};
 };
 
@@ -137,6 +147,16 @@ struct DecodePlanArgs {
 KVC_DEVICE int decode_seq_of_row(DecodePlanArgs const& a, int row) {
   int const seq = a.seq_slots != nullptr ? a.seq_slots[row] : row;
   return seq >= 0 && seq < a.max_seqs ? seq : -1;
+}
+
+//! Slots of head `head` (row * num_kv_heads + kv_head), clamped to [0, max_length]; 0 for an
+//! inactive row.
+KVC_DEVICE int decode_head_length(DecodePlanArgs const& a, int head) {
+  int const row = head / a.num_kv_heads;
+  int const seq = decode_seq_of_row(a, row);
+  if (seq < 0) return 0;
+  int const length = a.lengths[static_cast<long long>(seq) * a.num_kv_heads + (head - row * a.num_kv_heads)];
+  return length < 0 ? 0 : (length > a.max_length ? a.max_length : length);
 }
 
 //! Chunk size and count of a head of `length` > 0 slots under the chunk bound `chunk`.
@@ -155,6 +175,138 @@ KVC_DEVICE void decode_split(int length, int chunk, int& chunk_size, int& num_ch
 //! Bucket of a chunk size (floor(log2)); items are listed from the largest bucket down.
 KVC_DEVICE int decode_bucket(int chunk_size) { return 31 - __clz(chunk_size); }
 
+//! Block-wide exclusive prefix sum of one value per thread of the kPlanThreads-thread block:
+//! returns this thread's exclusive prefix and sets `total` to the block's sum. Every thread must
+//! call it; `scratch` holds kPlanThreads / 32 values.
+KVC_DEVICE long long plan_exclusive_scan(long long value, long long* scratch, long long& total) {
+  constexpr int kWarpsPerBlock = kPlanThreads / 32;
+  int const lane = static_cast<int>(threadIdx.x) & 31;
+  int const warp = static_cast<int>(threadIdx.x) >> 5;
+  long long inclusive = value;
+#pragma unroll
+  for (int offset = 1; offset < 32; offset <<= 1) {
+    long long const up = __shfl_up_sync(0xffffffffu, inclusive, offset);
+    if (lane >= offset) inclusive += up;
+  }
+  if (lane == 31) scratch[warp] = inclusive;
+  __syncthreads();
+  if (warp == 0) {
+    long long sum = lane < kWarpsPerBlock ? scratch[lane] : 0;
+#pragma unroll
+    for (int offset = 1; offset < 32; offset <<= 1) {
+      long long const up = __shfl_up_sync(0xffffffffu, sum, offset);
+      if (lane >= offset) sum += up;
+    }
+    if (lane < kWarpsPerBlock) scratch[lane] = sum;
+  }
+  __syncthreads();
+  long long const before = warp > 0 ? scratch[warp - 1] : 0;
+  total = scratch[kWarpsPerBlock - 1];
+  __syncthreads();  // scratch is reused by the next call
+  return before + inclusive - value;
+}
+
+//! Balanced plan (SplitPolicy::schedule 3). The heads' kChunkQuantum-slot quanta, in head order,
+//! form one sequence of Q quanta; CTA c takes quanta [c * S, (c + 1) * S) with
+//!   S = max(ceil(Q / P), ceil(longest head / (kMaxSplits - 1)), min_chunk / kChunkQuantum),
+//! so every CTA but the last reads the same number of slots (up to the last quantum of a head).
+//! A head crossing a CTA boundary is cut there (at most kMaxSplits pieces, merged as any split
+//! head); items are listed in head order, so CTA c's items are items [cta_first[c],
+//! cta_first[c + 1]) (the last used CTA: up to the item count). Writes counters (items, empty
+//! heads, 0, CTAs used), head_length, arrivals (zeroed), empty_heads, cta_first and items.
+//! Items <= heads + P - 1 and partial records <= 2 (P - 1): within the workspace capacities.
+KVC_DEVICE void decode_plan_balanced(DecodePlanArgs const& a) {
+  __shared__ long long scratch[kPlanThreads / 32];
+  __shared__ long long warp_max[kPlanThreads / 32];
+  __shared__ int empty_count;
+  __shared__ int partial_count;
+  int const tid = static_cast<int>(threadIdx.x);
+  int const num_heads = a.batch * a.num_kv_heads;
+  if (tid == 0) {
+    empty_count = 0;
+    partial_count = 0;
+  }
+
+  // Pass 1: lengths, total quanta and the longest head.
+  long long local_total = 0;
+  long long local_max = 0;
+  for (int head = tid; head < num_heads; head += kPlanThreads) {
+    int const length = decode_head_length(a, head);
+    a.ws.head_length[head] = length;  // re-read below by this same thread
+    long long const quanta = (length + kChunkQuantum - 1) / kChunkQuantum;
+    local_total += quanta;
+    local_max = quanta > local_max ? quanta : local_max;
+  }
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    long long const other = __shfl_xor_sync(0xffffffffu, local_max, offset);
+    local_max = other > local_max ? other : local_max;
+  }
+  if ((tid & 31) == 0) warp_max[tid >> 5] = local_max;
+  long long total = 0;
+  (void)plan_exclusive_scan(local_total, scratch, total);  // syncs: warp_max is visible after
+  long long longest = 0;
+#pragma unroll 4
+  for (int w = 0; w < kPlanThreads / 32; ++w) longest = warp_max[w] > longest ? warp_max[w] : longest;
+  long long share = (total + a.grid - 1) / a.grid;
+  long long const split_bound = (longest + kMaxSplits - 2) / (kMaxSplits - 1);
+  long long const min_share = a.min_chunk / kChunkQuantum;
+  share = share > split_bound ? share : split_bound;
+  share = share > min_share ? share : min_share;
+  share = share > 0 ? share : 1;
+
+  // Pass 2: pieces per head (two block scans per round of kPlanThreads heads), the items and
+  // the CTAs' first items.
+  long long quanta_before = 0;
+  long long items_before = 0;
+  for (int base = 0; base < num_heads; base += kPlanThreads) {  // uniform: scans inside
+    int const head = base + tid;
+    int const length = head < num_heads ? a.ws.head_length[head] : 0;
+    long long const quanta = (length + kChunkQuantum - 1) / kChunkQuantum;
+    long long round_quanta = 0;
+    long long const start = quanta_before + plan_exclusive_scan(quanta, scratch, round_quanta);
+    quanta_before += round_quanta;
+    long long const first_cta = start / share;
+    int const pieces = length > 0 ? static_cast<int>((start + quanta - 1) / share - first_cta + 1) : 0;
+    long long round_items = 0;
+    long long const item0 = items_before + plan_exclusive_scan(pieces, scratch, round_items);
+    items_before += round_items;
+    if (head >= num_heads) continue;
+    a.ws.arrivals[head] = 0;
+    if (length == 0) {
+      a.ws.empty_heads[atomicAdd(&empty_count, 1)] = head;
+      continue;
+    }
+    int const row = head / a.num_kv_heads;
+    int const kv_head = head - row * a.num_kv_heads;
+    DecodeWorkItem item;
+    item.head = head;
+    item.cache_head = decode_seq_of_row(a, row) * a.num_kv_heads + kv_head;
+    item.num_chunks = pieces;
+    item.partial = pieces > 1 ? atomicAdd(&partial_count, pieces) : 0;
+    item.length = length;
+    for (int j = 0; j < pieces; ++j) {
+      long long const cta = first_cta + j;
+      long long const begin = cta * share > start ? cta * share : start;
+      long long const end = (cta + 1) * share < start + quanta ? (cta + 1) * share : start + quanta;
+      item.begin = static_cast<int>((begin - start) * kChunkQuantum);
+      long long const end_slot = (end - start) * kChunkQuantum;
+      item.end = end_slot < length ? static_cast<int>(end_slot) : length;
+      item.chunk = j;
+      a.ws.items[item0 + j] = item;
+      if (begin == cta * share) a.ws.cta_first[cta] = static_cast<int>(item0 + j);
+    }
+  }
+  __syncthreads();
+  if (tid == 0) {
+    a.ws.counters[0] = static_cast<int>(items_before);
+    a.ws.counters[1] = empty_count;
+    a.ws.counters[2] = 0;
+    a.ws.counters[3] = static_cast<int>((total + share - 1) / share);
+    KVC_DECODE_TRACE_PLAN_END();
+  }
+}
+
 //! One block of kPlanThreads threads. Writes counters, head_length, arrivals (zeroed),
 //! empty_heads and items. Item order within a bucket depends on atomics; results do not (a
 //! head's partials are indexed by chunk and merged in chunk order).
@@ -170,6 +322,11 @@ KVC_GLOBAL void __launch_bounds__(kPlanThreads) decode_plan_kernel(DecodePlanArg
   grid_dependency_launch_dependents();
 
   int const tid = static_cast<int>(threadIdx.x);
+  if (tid == 0) KVC_DECODE_TRACE_PLAN_START();
+  if (a.balanced) {
+    decode_plan_balanced(a);
+    return;
+  }
   int const num_heads = a.batch * a.num_kv_heads;
   if (tid < 32) bucket_count[tid] = 0;
   if (tid == 0) {
@@ -180,14 +337,7 @@ KVC_GLOBAL void __launch_bounds__(kPlanThreads) decode_plan_kernel(DecodePlanArg
   // Pass 1: lengths and their total.
   long long local_total = 0;
   for (int head = tid; head < num_heads; head += kPlanThreads) {
-    int const row = head / a.num_kv_heads;
-    int const kv_head = head - row * a.num_kv_heads;
-    int const seq = decode_seq_of_row(a, row);
-    int length = 0;
-    if (seq >= 0) {
-      length = a.lengths[static_cast<long long>(seq) * a.num_kv_heads + kv_head];
-      length = length < 0 ? 0 : (length > a.max_length ? a.max_length : length);
-    }
+    int const length = decode_head_length(a, head);
     a.ws.head_length[head] = length;  // re-read below by this same thread
     local_total += length;
   }
@@ -257,7 +407,10 @@ KVC_GLOBAL void __launch_bounds__(kPlanThreads) decode_plan_kernel(DecodePlanArg
     }
   }
   __syncthreads();
-  if (tid == 0) a.ws.counters[1] = empty_count;
+  if (tid == 0) {
+    a.ws.counters[1] = empty_count;
+    KVC_DECODE_TRACE_PLAN_END();
+  }
 }
 
 }  // namespace kvc::detail

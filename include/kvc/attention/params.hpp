@@ -51,8 +51,11 @@ struct DecodeParams {
   //! beyond rounding (the merge order is fixed per head). `schedule`: how the persistent CTAs
   //! take the size-sorted items: 1 snake (static: CTA c takes c, 2P-1-c, 2P+c, ...), 2 greedy
   //! (the first two rounds as snake, then each CTA claims the next unclaimed item from an
-  //! atomic counter two items ahead of its producer), 0 the default: greedy when the plan made
-  //! at least 3 items per CTA, snake otherwise (measured on an H200, benchmarks/RESULTS.md).
+  //! atomic counter two items ahead of its producer), 3 balanced (no size sort: the heads'
+  //! slots in head order are cut into one contiguous, equal share per CTA, a head crossing a
+  //! share's end is split there; `waves` is ignored, `min_chunk` bounds the share from below),
+  //! 0 the default: greedy when the plan made at least 3 items per CTA, snake otherwise
+  //! (measured on an H200, benchmarks/RESULTS.md).
   struct SplitPolicy {
     int waves = 0;
     int min_chunk = 0;

@@ -199,8 +199,9 @@ struct PrefillTcWarp {
     for (int half = 0; half < 2; ++half) {
       float total = l[half] + __shfl_xor_sync(0xffffffffu, l[half], 1);
       total += __shfl_xor_sync(0xffffffffu, total, 2);
-      inv[half] = total > 0.0f ? 1.0f / total : 0.0f;
-      if (t == 0) lse_fn(g + 8 * half, total > 0.0f ? m[half] + log2f(total) : -INFINITY);
+      // 0 exactly when the row saw no key; NaN (propagated) when a logit was NaN.
+      inv[half] = total == 0.0f ? 0.0f : 1.0f / total;
+      if (t == 0) lse_fn(g + 8 * half, total == 0.0f ? -INFINITY : m[half] + log2f(total));
     }
 #pragma unroll
     for (int n = 0; n < kDimTiles; ++n) {
@@ -312,8 +313,8 @@ struct PrefillSimtWarp {
 #pragma unroll
       for (int offset = 16; offset > 0; offset >>= 1)
         total += __shfl_xor_sync(0xffffffffu, total, offset);
-      float const inv = total > 0.0f ? 1.0f / total : 0.0f;
-      if (lane == 0) lse_fn(r, total > 0.0f ? m[r] + log2f(total) : -INFINITY);
+      float const inv = total == 0.0f ? 0.0f : 1.0f / total;
+      if (lane == 0) lse_fn(r, total == 0.0f ? -INFINITY : m[r] + log2f(total));
 #pragma unroll
       for (int i = 0; i < kPairs; ++i)
         out_fn(r, 2 * lane + 64 * i, o[r][i][0] * inv, o[r][i][1] * inv);

@@ -21,10 +21,12 @@
 //!   free_count            [1]                        int32
 //!   report                [1]                        StepReport
 //!   row_flags, row_short  [S]                        int32  per batch row of the last step
-//!   step_positions        [L, S]                     int64  per (layer, batch row) of the step
-//!   step_rope             [L, S, D/2, 2]             fp32   cos, sin of each RoPE pair at the
-//!   step's
+//!   step_positions        [L, S]                     int64  per (layer, sequence slot): the
+//!                                                           position of the slot's step token
+//!   step_rope             [L, S, D/2, 2]             fp32   cos, sin of each RoPE pair at that
 //!                                                           position (not with RopeLayout::kNone)
+//!   (both indexed by slot, not batch row: steps of disjoint slots on two streams, each with its
+//!   own StepContext, must not overwrite each other's)
 //!   stats                 [1]                        StoreStats
 #pragma once
 

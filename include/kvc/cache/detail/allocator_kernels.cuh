@@ -126,7 +126,7 @@ KVC_GLOBAL void __launch_bounds__(kPrepareThreads) prepare_step_kernel(PreparePa
   __syncthreads();
   if (valid) {
     for (int layer = threadIdx.x; layer < dims.num_layers; layer += blockDim.x) {
-      a.step_positions[dims.layer_seq(layer, row)] = a.tokens_seen[dims.layer_seq(layer, seq)];
+      a.step_positions[dims.layer_seq(layer, seq)] = a.tokens_seen[dims.layer_seq(layer, seq)];
     }
     if (a.step_rope != nullptr) {
       int const pairs = dims.head_dim / 2;
@@ -137,7 +137,7 @@ KVC_GLOBAL void __launch_bounds__(kPrepareThreads) prepare_step_kernel(PreparePa
         float s = 0.0f;
         rope_cos_sin(pair, dims.head_dim, p.rope.theta, a.tokens_seen[dims.layer_seq(layer, seq)],
                      c, s);
-        float* out = a.step_rope + (dims.layer_seq(layer, row) * pairs + pair) * 2;
+        float* out = a.step_rope + (dims.layer_seq(layer, seq) * pairs + pair) * 2;
         out[0] = c;
         out[1] = s;
       }

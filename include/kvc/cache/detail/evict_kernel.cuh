@@ -102,7 +102,7 @@ KVC_GLOBAL void __launch_bounds__(Policy::kThreads) evict_kernel(EvictParams con
     if (good) {
       shared_head = dims.head_index(p.layer, seq, kv_head);
       shared_length = a.lengths[shared_head];
-      shared_newest = a.step_positions[dims.layer_seq(p.layer, row)];
+      shared_newest = a.step_positions[dims.layer_seq(p.layer, seq)];
       std::int64_t const capacity =
           static_cast<std::int64_t>(a.page_counts[shared_head]) * dims.page_size;
       good = shared_length <= budget + 1 && shared_length <= capacity &&

@@ -235,7 +235,7 @@ KVC_GLOBAL void __launch_bounds__(kStoreMaxHeadDim) update_kernel(UpdateParams<T
     if (good) {
       ctx.head = dims.head_index(p.layer, seq, ctx.kv_head);
       ctx.layer_seq = dims.layer_seq(p.layer, seq);
-      ctx.position = a.step_positions[dims.layer_seq(p.layer, ctx.row)];
+      ctx.position = a.step_positions[ctx.layer_seq];
       ctx.length = a.lengths[ctx.head];
       std::int64_t const capacity =
           static_cast<std::int64_t>(a.page_counts[ctx.head]) * dims.page_size;
@@ -255,7 +255,7 @@ KVC_GLOBAL void __launch_bounds__(kStoreMaxHeadDim) update_kernel(UpdateParams<T
   ElementRope angle;
   if (i < d && a.step_rope != nullptr) {
     std::int64_t const pair = rope_pair_index(i, d, p.rope.layout);
-    float const* step = a.step_rope + (dims.layer_seq(p.layer, ctx.row) * (d / 2) + pair) * 2;
+    float const* step = a.step_rope + (ctx.layer_seq * (d / 2) + pair) * 2;
     angle.cos = step[0];
     angle.sin = step[1];
   }
