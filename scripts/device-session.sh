@@ -15,7 +15,9 @@
 #   --phases   which phases, always run in the order above (default: all but profile, fuzz)
 #   --prebuilt build packed by scripts/pack-prebuilt.sh (default: .devbuild)
 #   --limits   seconds for tests, bench, suite, sanitize (default: 170,120,220,200); the
-#              sanitizer jobs get the sanitize limit each and run 10 at a time
+#              sanitize limit is the whole phase's
+#   --sanitize-job S  seconds of each sanitizer job (one per tool and test case, 10 at a time;
+#              default 150)
 #   --profile-limit  seconds for the profile phase (default: 150)
 #   --fuzz-cases N   cases of the fuzz phase (default: 2000); --fuzz-limit its seconds (300)
 #   --tools    compute-sanitizer tools (default: "memcheck racecheck")
@@ -32,6 +34,7 @@ limit_profile=150
 fuzz_cases=2000
 limit_fuzz=300
 tools="memcheck racecheck"
+sanitize_job=150
 bench_filter=()
 sanitize_filter=()
 while (($# > 0)); do
@@ -43,9 +46,10 @@ while (($# > 0)); do
     --fuzz-cases) fuzz_cases=${2:?--fuzz-cases needs a number}; shift ;;
     --fuzz-limit) limit_fuzz=${2:?--fuzz-limit needs seconds}; shift ;;
     --tools) tools=${2:?--tools needs a list}; shift ;;
+    --sanitize-job) sanitize_job=${2:?--sanitize-job needs seconds}; shift ;;
     --bench-filter) bench_filter=(--bench-filter "${2:?--bench-filter needs a regex}"); shift ;;
     --sanitize-filter) sanitize_filter=(--filter "${2:?--sanitize-filter needs a pattern}"); shift ;;
-    -h | --help) sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "device-session: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -101,9 +105,9 @@ if has_phase fuzz; then
 fi
 if has_phase sanitize; then
   export KVC_STORE_TEST_STEPS=20
-  phase sanitize "$((limit_sanitize + 30))" scripts/gpu-sanitize.sh \
+  phase sanitize "${limit_sanitize}" scripts/gpu-sanitize.sh \
     --build-dir "${build_dir}" --tools "${tools}" --parallel 10 \
-    --timeout "${limit_sanitize}" "${sanitize_filter[@]}"
+    --timeout "${sanitize_job}" "${sanitize_filter[@]}"
 fi
 
 tar -czf "${final_out}/session.tgz" -C "${scratch}" . || status=1
