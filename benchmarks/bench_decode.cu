@@ -55,6 +55,7 @@
 #include "kvc/attention/decode_api.cuh"
 
 #include "bandwidth.cuh"
+#include "decode_layout.hpp"
 #include "device_fill.cuh"
 
 namespace {
@@ -74,7 +75,7 @@ constexpr std::uint64_t kQSeed = 3;
 double g_probe_gbps = 0.0;
 int g_l2_bytes = 0;
 
-enum class Mix { kFull, kA, kB, kBudget };
+using Mix = kvc::bench::DecodeMix;
 
 char const* mix_name(Mix mix) {
   switch (mix) {
@@ -155,41 +156,12 @@ struct DeviceArray {
   }
 };
 
-//! Host description of one shape's cache; deterministic for a shape (seeded generator).
-struct Layout {
-  std::vector<int> lengths;  // [batch, kv_heads] slots kept per (sequence, KV head)
-  double tokens = 0.0;       // tokens seen (for the compression ratio)
-  double kept = 0.0;         // slots kept, all heads
-  int max_pages = 0;         // pages of the longest head
-  std::size_t pages_per_copy = 0;
-  int copies = 1;  // cache copies a timing rotates over
+using Layout = kvc::bench::DecodeLayout;
 
-  std::size_t num_pages() const { return pages_per_copy * static_cast<std::size_t>(copies); }
-};
-
-//! Lengths per (sequence, KV head) for `shape` drawn from `rng`, page counts and the number of
-//! cache copies that makes one round of calls read at least 8x `l2_bytes`.
+//! The layout of `shape` (support/decode_layout.hpp), drawn from `rng`.
 Layout make_layout(Shape const& shape, int l2_bytes, std::mt19937_64& rng) {
-  Layout layout;
-  layout.lengths.resize(static_cast<std::size_t>(shape.batch) * shape.kv_heads);
-  std::vector<double> weights;
-  if (shape.mix == Mix::kA) weights = {0.10, 0.10, 0.30, 0.30, 0.20};
-  if (shape.mix == Mix::kB) weights = {0.02, 0.05, 0.18, 0.35, 0.40};
-  std::discrete_distribution<int> ratio(weights.begin(), weights.end());
-  layout.tokens = static_cast<double>(layout.lengths.size()) * shape.length;
-  for (int& length : layout.lengths) {
-    if (shape.mix == Mix::kFull) length = shape.length;
-    if (shape.mix == Mix::kBudget) length = shape.length / 4;
-    if (shape.mix == Mix::kA || shape.mix == Mix::kB) length = shape.length >> ratio(rng);
-  }
-  layout.kept = std::accumulate(layout.lengths.begin(), layout.lengths.end(), 0.0);
-  int const max_length = *std::max_element(layout.lengths.begin(), layout.lengths.end());
-  layout.max_pages = (max_length + kPageSize - 1) / kPageSize;
-  for (int length : layout.lengths)
-    layout.pages_per_copy += static_cast<std::size_t>((length + kPageSize - 1) / kPageSize);
-  double const kv_bytes = layout.kept * kHeadDim * 2.0 * sizeof(T);
-  layout.copies = std::clamp(static_cast<int>(8.0 * l2_bytes / kv_bytes) + 1, 1, kMaxCopies);
-  return layout;
+  return kvc::bench::make_decode_layout(shape.mix, shape.batch, shape.kv_heads, shape.length, kPageSize,
+                                        kHeadDim * 2.0 * sizeof(T), l2_bytes, kMaxCopies, rng);
 }
 
 //! The K and V pools shared by every shape, allocated and filled once (a shape uses the first
@@ -276,20 +248,9 @@ std::string build_state(Shape const& shape, ShapeState& s) {
   if (!pool_error.empty()) return pool_error;
 
   // Every copy's pages scattered at random through pages [0, num_pages) of the pool.
-  std::size_t const num_pages = layout.num_pages();
-  std::vector<std::int32_t> permutation(num_pages);
-  std::iota(permutation.begin(), permutation.end(), 0);
-  std::shuffle(permutation.begin(), permutation.end(), rng);
   std::size_t const table_elems = layout.lengths.size() * layout.max_pages;
-  std::vector<std::int32_t> host_tables(table_elems * layout.copies, 0);
-  std::size_t next = 0;
-  for (int copy = 0; copy < layout.copies; ++copy) {
-    for (std::size_t head = 0; head < layout.lengths.size(); ++head) {
-      int const pages = (layout.lengths[head] + kPageSize - 1) / kPageSize;
-      std::int32_t* row = host_tables.data() + copy * table_elems + head * layout.max_pages;
-      for (int j = 0; j < pages; ++j) row[j] = permutation[next++];
-    }
-  }
+  std::vector<std::int32_t> const host_tables =
+      kvc::bench::scattered_page_tables(layout, kPageSize, rng);
   SETUP_CUDA(s.tables.allocate(host_tables.size()));
   SETUP_CUDA(cudaMemcpy(s.tables.data, host_tables.data(),
                         host_tables.size() * sizeof(std::int32_t), cudaMemcpyHostToDevice));

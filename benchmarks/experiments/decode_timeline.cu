@@ -29,6 +29,7 @@
 #include "kvc/attention/decode.cuh"
 
 #include "bandwidth.cuh"
+#include "decode_layout.hpp"
 #include "device_fill.cuh"
 
 namespace {
@@ -95,37 +96,23 @@ double percentile(std::vector<double> v, double q) {
 
 void run_shape(Shape const& shape, int schedule, double probe_gbps, int l2_bytes, T const* k_pool,
                T const* v_pool, std::size_t pool_pages, unsigned long long* trace) {
-  // Lengths exactly as the decode benchmark draws them (same seed and distribution).
+  // The decode benchmark's layout and page tables (same seed, support/decode_layout.hpp).
   std::mt19937_64 rng(20261123);
-  std::vector<int> lengths(static_cast<std::size_t>(shape.batch) * shape.hkv);
-  std::vector<double> weights;
-  if (shape.mix == "mixA") weights = {0.10, 0.10, 0.30, 0.30, 0.20};
-  if (shape.mix == "mixB") weights = {0.02, 0.05, 0.18, 0.35, 0.40};
-  std::discrete_distribution<int> ratio(weights.begin(), weights.end());
-  for (int& length : lengths) length = shape.mix == "full" ? shape.length : shape.length >> ratio(rng);
-  double const kept = std::accumulate(lengths.begin(), lengths.end(), 0.0);
-  int const max_length = *std::max_element(lengths.begin(), lengths.end());
-  int const max_pages = (max_length + kPageSize - 1) / kPageSize;
-  std::size_t pages_per_copy = 0;
-  for (int length : lengths) pages_per_copy += static_cast<std::size_t>((length + kPageSize - 1) / kPageSize);
-  double const kv_bytes = kept * kHeadDim * 2.0 * sizeof(T);
-  int const copies = std::clamp(static_cast<int>(8.0 * l2_bytes / kv_bytes) + 1, 1, 64);
-  if (pages_per_copy * copies > pool_pages) {
+  kvc::bench::DecodeMix const mix = shape.mix == "full"   ? kvc::bench::DecodeMix::kFull
+                                    : shape.mix == "mixA" ? kvc::bench::DecodeMix::kA
+                                                          : kvc::bench::DecodeMix::kB;
+  kvc::bench::DecodeLayout const layout = kvc::bench::make_decode_layout(
+      mix, shape.batch, shape.hkv, shape.length, kPageSize, kHeadDim * 2.0 * sizeof(T), l2_bytes, 64, rng);
+  if (layout.num_pages() > pool_pages) {
     std::printf("%s: pool too small\n", shape.mix.c_str());
     return;
   }
-  std::vector<std::int32_t> permutation(pages_per_copy * copies);
-  std::iota(permutation.begin(), permutation.end(), 0);
-  std::shuffle(permutation.begin(), permutation.end(), rng);
+  std::vector<int> const& lengths = layout.lengths;
+  int const max_pages = layout.max_pages;
+  int const copies = layout.copies;
+  double const kv_bytes = layout.kept * kHeadDim * 2.0 * sizeof(T);
   std::size_t const table_elems = lengths.size() * max_pages;
-  std::vector<std::int32_t> tables(table_elems * copies, 0);
-  std::size_t next = 0;
-  for (int c = 0; c < copies; ++c) {
-    for (std::size_t h = 0; h < lengths.size(); ++h) {
-      int const pages = (lengths[h] + kPageSize - 1) / kPageSize;
-      for (int j = 0; j < pages; ++j) tables[c * table_elems + h * max_pages + j] = permutation[next++];
-    }
-  }
+  std::vector<std::int32_t> const tables = kvc::bench::scattered_page_tables(layout, kPageSize, rng);
   std::int32_t *d_tables = nullptr, *d_lengths = nullptr;
   T *q = nullptr, *out = nullptr;
   float* lse = nullptr;

@@ -352,6 +352,39 @@ struct Rig {
   }
 };
 
+//! One store stepped from two streams, and a twin store stepped from one: rig `a` drives the
+//! store on its own stream and context, rig `b` the same store from another stream with its own
+//! StepContext, `twin` another store with the same config. Slots 0..3 are joined in both
+//! stores; everything is ready (synchronised) when the constructor returns.
+template <class T>
+struct TwoStreams {
+  Rig<T> a;
+  test::DeviceBuffer<unsigned char> context_memory;
+  StepContext context_b;
+  Rig<T> b;
+  Rig<T> twin;
+
+  TwoStreams(PagedStoreConfig const& config, std::size_t max_tokens)
+      : a(config, max_tokens),
+        context_memory(PagedStore::step_context_bytes(config)),
+        context_b(make_context(a, context_memory)),
+        b(a, max_tokens, &context_b),
+        twin(config, max_tokens) {
+    for (int s = 0; s < 4; ++s) {
+      REQUIRE(a.add() == s);
+      REQUIRE(twin.add() == s);
+    }
+    KVC_CUDA_REQUIRE(cudaStreamSynchronize(a.stream));
+  }
+
+  static StepContext make_context(Rig<T>& owner, test::DeviceBuffer<unsigned char>& memory) {
+    StepContext context;
+    KVC_STATUS_REQUIRE(
+        owner.store.init_step_context(memory.data(), memory.size(), context, owner.stream));
+    return context;
+  }
+};
+
 //! Keeps the GPU busy for about `cycles` clock cycles on its stream (holds a step open while
 //! another stream works).
 KVC_GLOBAL void spin_kernel(long long cycles) {
@@ -831,18 +864,12 @@ TEST_SUITE("gpu") {
       int const steps = 6;
       PagedStoreConfig const config = hostile_config(kind, dtype, 6, steps + 1);
       // Stream A: the store's own context; stream B: its own. Slots 0..3 live; 5 never joins.
-      Rig<T> a(config, 4);
-      test::DeviceBuffer<unsigned char> context_memory(PagedStore::step_context_bytes(config));
-      StepContext context_b;
-      KVC_STATUS_REQUIRE(a.store.init_step_context(context_memory.data(), context_memory.size(),
-                                                   context_b, a.stream));
-      KVC_CUDA_REQUIRE(cudaStreamSynchronize(a.stream));
-      Rig<T> b(a, 4, &context_b);
-      Rig<T> twin(config, 4);  // the same steps, one stream, one after the other
-      for (int s = 0; s < 4; ++s) {
-        REQUIRE(a.add() == s);
-        REQUIRE(twin.add() == s);
-      }
+      // The twin takes the same steps on one stream, one after the other.
+      TwoStreams<T> rigs(config, 4);
+      Rig<T>& a = rigs.a;
+      Rig<T>& b = rigs.b;
+      Rig<T>& twin = rigs.twin;
+      StepContext const& context_b = rigs.context_b;
       std::vector<std::int32_t> const batch_a = {0, 2};
       std::vector<std::int32_t> const valid_b = {3, 1};
       std::vector<std::int32_t> const refused_b = {3, 5};  // slot 5 is not active
@@ -910,18 +937,11 @@ TEST_SUITE("gpu") {
       INFO("policy " << std::string(policy_name(kind)));
       int const steps = test::full_runs() ? 8 : 4;
       PagedStoreConfig const config = hostile_config(kind, dtype, 4, steps + 1);
-      Rig<T> a(config, 2);
-      test::DeviceBuffer<unsigned char> context_memory(PagedStore::step_context_bytes(config));
-      StepContext context_b;
-      KVC_STATUS_REQUIRE(a.store.init_step_context(context_memory.data(), context_memory.size(),
-                                                   context_b, a.stream));
-      Rig<T> b(a, 2, &context_b);
-      Rig<T> twin(config, 2);
-      for (int s = 0; s < 4; ++s) {
-        REQUIRE(a.add() == s);
-        REQUIRE(twin.add() == s);
-      }
-      KVC_CUDA_REQUIRE(cudaStreamSynchronize(a.stream));  // joins and the context are ready
+      TwoStreams<T> rigs(config, 2);
+      Rig<T>& a = rigs.a;
+      Rig<T>& b = rigs.b;
+      Rig<T>& twin = rigs.twin;
+      StepContext const& context_b = rigs.context_b;
       std::vector<std::int32_t> const batch_a = {0, 2};
       std::vector<std::int32_t> const batch_b = {3, 1};
       std::vector<Inputs> in_a, in_b;
