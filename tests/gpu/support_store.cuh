@@ -304,6 +304,14 @@ inline reference::LayerSpec layer_spec(PagedStoreConfig const& config) {
 #define KVC_STORE_TEST_DTYPES float, half, __nv_bfloat16
 #endif
 
+//! The dtypes of store tests that need the precompiled prefill attention (KVC_CI_MINIMAL builds
+//! compile it for bf16 only, so their store tests would otherwise run no case).
+#if KVC_CI_MINIMAL
+#define KVC_STORE_PREFILL_TEST_DTYPES __nv_bfloat16
+#else
+#define KVC_STORE_PREFILL_TEST_DTYPES float, half, __nv_bfloat16
+#endif
+
 // run_steps() and full_runs() (KVC_STORE_TEST_STEPS, the sanitizer-size mode) are in
 // test_support.hpp, shared with the attention tests.
 

@@ -469,7 +469,7 @@ TEST_SUITE("gpu") {
   }
 
   TEST_CASE_TEMPLATE("store prefill: every policy equals the reference, then decode continues", T,
-                     KVC_STORE_TEST_DTYPES) {
+                     KVC_STORE_PREFILL_TEST_DTYPES) {
     KVC_REQUIRE_CUDA_DEVICE();
     std::mt19937_64 rng(test::test_seed() + 11);
     INFO("seed " << test::test_seed());
