@@ -9,7 +9,8 @@
 // (dtype, head dim, group size), page sizes 1, 3, 16 and 64, one or two layers.
 //
 // Each case has its own seed, printed with any failure. Environment:
-//   KVC_GPU_FUZZ_CASES  cases to run (default 40; scripts/gpu-fuzz.sh runs thousands)
+//   KVC_GPU_FUZZ_CASES  cases to run (default 40, 8 in the sanitizer-size mode
+//                       KVC_STORE_TEST_STEPS; scripts/gpu-fuzz.sh runs thousands)
 //   KVC_GPU_FUZZ_OPS    operations per case (default 24)
 //   KVC_GPU_FUZZ_SEED   replay the one case with this seed
 // H2O and TOVA cases decode with the double-precision oracle attention (the kernels' fp32
@@ -199,7 +200,9 @@ TEST_SUITE("gpu") {
     KVC_REQUIRE_CUDA_DEVICE();
     int const operations = env_int("KVC_GPU_FUZZ_OPS", 24);
     char const* replay = std::getenv("KVC_GPU_FUZZ_SEED");
-    int const cases = replay != nullptr ? 1 : env_int("KVC_GPU_FUZZ_CASES", 40);
+    // Under a sanitizer (KVC_STORE_TEST_STEPS set) 40 cases outlast a racecheck job's 200 s.
+    int const cases =
+        replay != nullptr ? 1 : env_int("KVC_GPU_FUZZ_CASES", test::full_runs() ? 40 : 8);
     std::uint64_t const base = test::test_seed();
     FuzzTally tally;
     for (int c = 0; c < cases; ++c) {
