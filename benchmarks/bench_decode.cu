@@ -43,7 +43,6 @@
 #include <cstdint>
 #include <cstdio>
 #include <memory>
-#include <numeric>
 #include <random>
 #include <string>
 #include <vector>
@@ -64,10 +63,8 @@ using T = __nv_bfloat16;
 constexpr int kHeadDim = 128;
 constexpr int kPageSize = 16;
 constexpr int kCallsPerTiming = 20;
-constexpr int kMaxCopies = 64;
 constexpr int kRepetitions = 5;
 constexpr int kTimingsPerRepetition = 1;
-constexpr std::uint64_t kLayoutSeed = 20261123;
 constexpr std::uint64_t kKSeed = 1;
 constexpr std::uint64_t kVSeed = 2;
 constexpr std::uint64_t kQSeed = 3;
@@ -160,8 +157,9 @@ using Layout = kvc::bench::DecodeLayout;
 
 //! The layout of `shape` (support/decode_layout.hpp), drawn from `rng`.
 Layout make_layout(Shape const& shape, int l2_bytes, std::mt19937_64& rng) {
-  return kvc::bench::make_decode_layout(shape.mix, shape.batch, shape.kv_heads, shape.length, kPageSize,
-                                        kHeadDim * 2.0 * sizeof(T), l2_bytes, kMaxCopies, rng);
+  return kvc::bench::make_decode_layout(shape.mix, shape.batch, shape.kv_heads, shape.length,
+                                        kPageSize, kHeadDim * 2.0 * sizeof(T), l2_bytes,
+                                        kvc::bench::kDecodeMaxCopies, rng);
 }
 
 //! The K and V pools shared by every shape, allocated and filled once (a shape uses the first
@@ -241,7 +239,7 @@ std::unique_ptr<ShapeState> g_state;
 //! workspace, stream and (graph shapes) the captured graph.
 std::string build_state(Shape const& shape, ShapeState& s) {
   s.key = shape.key();
-  std::mt19937_64 rng(kLayoutSeed);
+  std::mt19937_64 rng(kvc::bench::kDecodeLayoutSeed);
   s.layout = make_layout(shape, g_l2_bytes, rng);
   Layout const& layout = s.layout;
   std::string const pool_error = g_pool.ensure(layout.num_pages());
@@ -494,7 +492,7 @@ int main(int argc, char** argv) {
     // The pool is sized once for the largest runnable shape (allocated on first use).
     for (Shape const& shape : g_shapes) {
       if (!shape.supported()) continue;
-      std::mt19937_64 rng(kLayoutSeed);
+      std::mt19937_64 rng(kvc::bench::kDecodeLayoutSeed);
       g_pool.pages_wanted =
           std::max(g_pool.pages_wanted, make_layout(shape, g_l2_bytes, rng).num_pages());
     }

@@ -18,7 +18,6 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
-#include <numeric>
 #include <random>
 #include <string>
 #include <vector>
@@ -27,6 +26,7 @@
 #include <cuda_runtime.h>
 
 #include "kvc/attention/decode.cuh"
+#include "kvc/attention/dispatch.hpp"
 
 #include "bandwidth.cuh"
 #include "decode_layout.hpp"
@@ -66,27 +66,24 @@ bool parse(std::string const& name, Shape& s) {
          s.hq % s.hkv == 0;
 }
 
-template <int kGroup>
-kvc::Status run_call(kvc::DecodeParams const& p, cudaStream_t stream) {
-  return kvc::DecodeAttention<kvc::DefaultVariant, T, kHeadDim, kGroup>::run(p, stream);
+//! Calls fn(Attention) with the traced DecodeAttention of p's group size (1, 4 or 8: the
+//! experiment compiles only these three instantiations).
+template <class Fn>
+kvc::Status with_attention(kvc::DecodeParams const& p, Fn&& fn) {
+  return kvc::dispatch(
+      [&](auto group) {
+        return fn(kvc::DecodeAttention<kvc::DefaultVariant, T, kHeadDim, group.value>{});
+      },
+      kvc::choose(p.group_size(), kvc::ValueList<1, 4, 8>{}));
 }
 
 kvc::Status run_any(kvc::DecodeParams const& p, cudaStream_t stream) {
-  switch (p.group_size()) {
-    case 1: return run_call<1>(p, stream);
-    case 4: return run_call<4>(p, stream);
-    case 8: return run_call<8>(p, stream);
-    default: return kvc::Status::kErrorNotSupported;
-  }
+  return with_attention(p, [&](auto attention) { return decltype(attention)::run(p, stream); });
 }
 
 kvc::Status workspace_any(kvc::DecodeParams const& p, std::size_t& bytes) {
-  switch (p.group_size()) {
-    case 1: return kvc::DecodeAttention<kvc::DefaultVariant, T, kHeadDim, 1>::workspace_size(p, bytes);
-    case 4: return kvc::DecodeAttention<kvc::DefaultVariant, T, kHeadDim, 4>::workspace_size(p, bytes);
-    case 8: return kvc::DecodeAttention<kvc::DefaultVariant, T, kHeadDim, 8>::workspace_size(p, bytes);
-    default: return kvc::Status::kErrorNotSupported;
-  }
+  return with_attention(
+      p, [&](auto attention) { return decltype(attention)::workspace_size(p, bytes); });
 }
 
 double percentile(std::vector<double> v, double q) {
@@ -97,12 +94,13 @@ double percentile(std::vector<double> v, double q) {
 void run_shape(Shape const& shape, int schedule, double probe_gbps, int l2_bytes, T const* k_pool,
                T const* v_pool, std::size_t pool_pages, unsigned long long* trace) {
   // The decode benchmark's layout and page tables (same seed, support/decode_layout.hpp).
-  std::mt19937_64 rng(20261123);
+  std::mt19937_64 rng(kvc::bench::kDecodeLayoutSeed);
   kvc::bench::DecodeMix const mix = shape.mix == "full"   ? kvc::bench::DecodeMix::kFull
                                     : shape.mix == "mixA" ? kvc::bench::DecodeMix::kA
                                                           : kvc::bench::DecodeMix::kB;
   kvc::bench::DecodeLayout const layout = kvc::bench::make_decode_layout(
-      mix, shape.batch, shape.hkv, shape.length, kPageSize, kHeadDim * 2.0 * sizeof(T), l2_bytes, 64, rng);
+      mix, shape.batch, shape.hkv, shape.length, kPageSize, kHeadDim * 2.0 * sizeof(T), l2_bytes,
+      kvc::bench::kDecodeMaxCopies, rng);
   if (layout.num_pages() > pool_pages) {
     std::printf("%s: pool too small\n", shape.mix.c_str());
     return;

@@ -16,6 +16,10 @@
 
 namespace kvc::bench {
 
+//! Seed of the layouts (lengths and page tables) both programs draw, and their most copies.
+inline constexpr std::uint64_t kDecodeLayoutSeed = 20261123;
+inline constexpr int kDecodeMaxCopies = 64;
+
 //! What each (sequence, KV head) keeps of `length` tokens.
 enum class DecodeMix { kFull, kA, kB, kBudget };
 

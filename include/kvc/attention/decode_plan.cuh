@@ -43,8 +43,8 @@ inline constexpr int kDefaultMinChunk = 256;  //!< smallest chunk by default (sl
 // 73 % to 84 % (mix B) of the read bandwidth and was 3 % slower on GQA mixes of about 2 items
 // per CTA (benchmarks/RESULTS.md, 2026-12-03).
 inline constexpr int kGreedyItemsPerCta = 3;
-//! SplitPolicy::schedule values (0: the default, see DecodeParams).
-inline constexpr int kScheduleSnake = 1;
+//! SplitPolicy::schedule values the kernels test for (0: the default, 1: snake; see
+//! DecodeParams).
 inline constexpr int kScheduleGreedy = 2;
 inline constexpr int kScheduleBalanced = 3;
 inline constexpr int kPlanThreads = 1024;  //!< the plan kernel's single block

@@ -6,7 +6,7 @@
 //!   [0] calls traced so far (the plan kernel takes the next call index), [1] current call,
 //!   then per call (kDecodeTraceStride words): plan start, plan end, and per CTA
 //!   kDecodeTraceCtaWords words: entry, after the grid-dependency wait, first tile ready,
-//!   exit, items consumed, heads merged.
+//!   exit, tiles issued, items finished (epilogues run).
 //! benchmarks/experiments/decode_timeline.cu reads it.
 #pragma once
 
