@@ -525,10 +525,20 @@ TEST_SUITE("gpu") {
       k.upload(test::to_storage<T>(k_host), stream.get());
       v.upload(test::to_storage<T>(v_host), stream.get());
       KVC_STATUS_REQUIRE(prepare_prefill(store, chunks, stream.get()));
+      workspace.poison(stream.get());
       for (int l = 0; l < config.shape.num_layers; ++l) {
+        out.poison(stream.get());
         KVC_STATUS_REQUIRE(prefill_layer<T>(store, l, q.data(), k.data(), v.data(), chunks,
                                             out.data(), nullptr, workspace.data(), workspace_bytes,
                                             stream.get()));
+        // The refused step's attention still runs, on the zeroed inputs the prepare kernel gave
+        // it (not on the poisoned workspace): every output row written, and finite.
+        std::vector<float> const refused_out =
+            test::to_floats(out.download(stream.get(), 60 * q_row));
+        std::size_t not_finite = 0;
+        for (float x : refused_out) not_finite += std::isfinite(x) ? 0 : 1;
+        CHECK_MESSAGE(not_finite == 0,
+                      "refused step, layer " << l << ": " << not_finite << " outputs not finite");
       }
       StepReport report;
       std::vector<std::int32_t> flags(3, -7);

@@ -359,6 +359,8 @@ Status prefill_layer(PagedStore& store, int layer, T const* q, T const* k, T con
   params.seq_slots = chunks.seq_slots;
   params.cu_tokens = chunks.cu_tokens;
   params.batch = chunks.batch;
+  params.total_tokens = chunks.total_tokens;
+  params.max_chunk = chunks.max_chunk;
   params.layer = layer;
   params.rope = config.rope;
   params.policy = config.policy;

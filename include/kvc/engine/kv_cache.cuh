@@ -146,7 +146,8 @@ class BasicKVCache {
   }
 
   //! Builds a cache for `config` into `out`: validates, allocates (one cudaMalloc, one
-  //! cudaMallocHost), initialises the store on `stream` (asynchronously). On error `out` is
+  //! cudaMallocHost), zeroes the device memory and initialises the store on `stream`
+  //! (asynchronously). On error `out` is
   //! unchanged and nothing stays allocated. A cache `out` already held is destroyed on success.
   //! Errors: as required_bytes; kErrorCuda when an allocation or launch fails.
   static Status create(KVCacheConfig const& config, cudaStream_t stream, BasicKVCache& out) {
@@ -185,6 +186,10 @@ class BasicKVCache {
     cache.prefill_workspace_ = layout.prefill_workspace_bytes > 0
                                    ? static_cast<void*>(base + layout.prefill_workspace)
                                    : nullptr;
+    // Everything zeroed once, the pools included (PagedStore::init leaves them alone): no byte
+    // is ever read undefined, neither by a refused step's attention (which still runs and reads
+    // q_out) nor by a copy of a whole pool (stats, snapshots, compute-sanitizer initcheck).
+    KVC_RETURN_IF_ERROR(detail::cuda_status(cudaMemsetAsync(device, 0, layout.total, stream)));
     KVC_RETURN_IF_ERROR(cache.store_.init(layout.store, base, layout.store_bytes, stream));
     cache.layer_done_.assign(static_cast<std::size_t>(config.shape.num_layers), 0);
     cache.seen_.assign(static_cast<std::size_t>(config.max_seqs), 0);

@@ -75,6 +75,8 @@ struct PrefillKernelParams {
   std::int32_t const* seq_slots = nullptr;  // [batch]
   std::int32_t const* cu_tokens = nullptr;  // [batch + 1]
   int batch = 0;
+  int total_tokens = 0;  // N (rows of q / k / v)
+  int max_chunk = 0;
   int layer = 0;
   RopeConfig rope{};
   PolicyConfig policy{};
@@ -205,6 +207,46 @@ KVC_DEVICE bool prefill_row(PrefillKernelParams<T> const& p, int row, PrefillRow
   return out.tokens > 0;
 }
 
+//! The attention of a step still runs when the step was refused (it cannot read the report):
+//! gives it defined inputs for block (tile, row) of the prepare grid, so that it never reads
+//! workspace the step did not write: DMC prefix lengths 0, and the tile's queries, keys (DMC:
+//! values and mask too) zeroed. Its outputs are then finite but meaningless (docs/paged_store.md).
+//! Rows whose chunk bounds are invalid (the step is refused for them) are left alone: the
+//! attention clamps them itself.
+template <class T>
+KVC_DEVICE void prefill_refused_inputs(PrefillKernelParams<T> const& p, int row) {
+  int const hq = p.dims.num_q_heads;
+  int const hkv = p.dims.num_kv_heads;
+  int const d = p.dims.head_dim;
+  if (blockIdx.x == 0 && p.buf.prefix != nullptr) {
+    for (int h = threadIdx.x; h < hkv; h += blockDim.x) {
+      p.buf.prefix[static_cast<std::int64_t>(row) * hkv + h] = 0;
+    }
+  }
+  int const begin = p.cu_tokens[row];
+  int const end = p.cu_tokens[row + 1];
+  if (begin < 0 || end < begin || end - begin > p.max_chunk || end > p.total_tokens) return;
+  int const t0 = begin + static_cast<int>(blockIdx.x) * kPrefillTile;
+  int const t1 = min(end, t0 + kPrefillTile);
+  if (t0 >= t1) return;
+  T const zero = DTypeTraits<T>::from_float(0.0f);
+  auto clear = [&](void* array, int row_elements) {  // rows t0 .. t1 - 1 of [N, row_elements]
+    if (array == nullptr) return;
+    T* const base = static_cast<T*>(array) + static_cast<std::int64_t>(t0) * row_elements;
+    std::int64_t const count = static_cast<std::int64_t>(t1 - t0) * row_elements;
+    for (std::int64_t i = threadIdx.x; i < count; i += blockDim.x) base[i] = zero;
+  };
+  clear(p.buf.q_att, hq * d);
+  clear(p.buf.k_att, hkv * d);
+  clear(p.buf.v_att, hkv * d);
+  if (p.buf.visible != nullptr) {
+    std::int64_t const count = static_cast<std::int64_t>(t1 - t0) * hkv;
+    for (std::int64_t i = threadIdx.x; i < count; i += blockDim.x) {
+      p.buf.visible[static_cast<std::int64_t>(t0) * hkv + i] = 0;
+    }
+  }
+}
+
 //! Dynamic shared memory (bytes) of prefill_prepare_kernel.
 inline std::size_t prefill_prepare_shared_bytes(StoreDims const& dims, int window) {
   std::size_t const d = static_cast<std::size_t>(dims.head_dim);
@@ -233,12 +275,7 @@ KVC_GLOBAL void __launch_bounds__(kPrefillThreads)
   PrefillRow rw;
   int const row = blockIdx.y;
   if (!prefill_row(p, row, rw)) {
-    // Attention still runs (it cannot read the report): give it prefixes it can read safely.
-    if (blockIdx.x == 0 && p.buf.prefix != nullptr) {
-      for (int h = threadIdx.x; h < p.dims.num_kv_heads; h += blockDim.x) {
-        p.buf.prefix[static_cast<std::int64_t>(row) * p.dims.num_kv_heads + h] = 0;
-      }
-    }
+    prefill_refused_inputs(p, row);
     return;
   }
   // The commit reads the chunk's first position from here: tokens_seen changes under it.
