@@ -12,6 +12,9 @@
 #   --decode NAME    a decode benchmark name (bench_decode's decode/<key>), repeatable
 #   --prefill NAME   a prefill benchmark name (bench_prefill's prefill/<key>), repeatable
 #   --kernels N      kernels profiled per shape (default 6: a few launches of each kernel)
+#   --source NAME    a prefill benchmark name: one launch of its attention kernel with warp-stall
+#                    sampling per SASS instruction (SourceCounters), exported to
+#                    $OUT/source-<name>.csv (ncu's source page) and summarised by opcode
 # Output: $OUT/profile-<name>.csv ($OUT defaults to ./out); the table last.
 set -uo pipefail
 
@@ -19,6 +22,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 build_dir=""
 decode=()
 prefill=()
+source=()
 kernels=6
 while (($# > 0)); do
   case "$1" in
@@ -26,7 +30,8 @@ while (($# > 0)); do
     --decode) decode+=("${2:?--decode needs a name}"); shift ;;
     --prefill) prefill+=("${2:?--prefill needs a name}"); shift ;;
     --kernels) kernels=${2:?--kernels needs a number}; shift ;;
-    -h | --help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --source) source+=("${2:?--source needs a name}"); shift ;;
+    -h | --help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu-profile: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -71,7 +76,47 @@ profile() {
   echo "${file}"
 }
 
+# source_profile <benchmark name>: per-instruction stall samples of one prefill-attention launch.
+source_profile() {
+  local name=$1 report="${out}/source-${1//\//_}"
+  ncu --clock-control none --section SourceCounters --section WarpStateStats -k \
+    "regex:prefill_attention_kernel" -c 1 -f -o "${report}" \
+    "${build_dir}/benchmarks/kvc_bench_prefill" --benchmark_filter="^${name}/" \
+    > "${report}.log" 2>&1
+  ncu -i "${report}.ncu-rep" --page source --csv --print-source sass > "${report}.csv" \
+    2>> "${report}.log"
+  ncu -i "${report}.ncu-rep" --page details --csv > "${report}-details.csv" 2>> "${report}.log"
+  python3 - "${report}.csv" << 'EOF'
+import csv, sys, collections
+rows = list(csv.DictReader(line for line in open(sys.argv[1]) if line.strip()))
+if not rows:
+    sys.exit(f"no rows in {sys.argv[1]}")
+print("columns:", ", ".join(rows[0].keys())[:600])
+sample_keys = [k for k in rows[0] if "Sampling" in k and "All" in k]
+def num(v):
+    try:
+        return float(str(v).replace(",", ""))
+    except ValueError:
+        return 0.0
+by_op = collections.Counter()
+total = 0.0
+for r in rows:
+    text = (r.get("Source") or "").strip()
+    words = [w for w in text.split() if not w.startswith("@")]
+    op = words[0].split(".")[0] if words else "?"
+    samples = sum(num(r[k]) for k in sample_keys)
+    by_op[op] += samples
+    total += samples
+print(f"{sys.argv[1]}: {total:.0f} warp-stall samples ({', '.join(sample_keys)})")
+for op, n in by_op.most_common(14):
+    print(f"  {op:<12} {n:8.0f}  {100 * n / max(total, 1):5.1f} %")
+EOF
+}
+
 files=()
+for name in "${source[@]}"; do
+  source_profile "${name}"
+done
 for name in "${decode[@]}"; do
   files+=("$(profile "${build_dir}/benchmarks/kvc_bench_decode" "${name}" 'decode_')")
 done

@@ -310,18 +310,37 @@ KVC_GLOBAL void __launch_bounds__(PrefillTraits<T, kHeadDim, kGroupSize>::kThrea
       int const key0 = item.begin + t * kKeys;
       unsigned char const* const k_tile =
           smem + Traits::kStagesOffset + stage * Traits::kStageBytes;
-      unsigned char const* const flags = s_flag + stage * kKeys;
       int const row0 = warp * kPrefillWarpRows;
-      auto visible = [&](int row_in_warp, int key) {
-        int const j = key0 + key;
-        if (j >= item.end) return false;
-        if (j < item.prefix) return true;
-        int const chunk_key = j - item.prefix;
-        int const query = item.tile_token + (row0 + row_in_warp) / kGroupSize;
-        return chunk_key == query || (chunk_key < query && flags[key] != 0);
-      };
       if (t == 0) state.begin(smem_address(q_tile), row0, lane);
-      bool const masked = key0 + kKeys > item.prefix || key0 + kKeys > item.end;
+      // A tile needs the per-element test only where some key can be invisible to some row: keys
+      // past the item's end, or chunk keys under the DMC mask, or chunk keys past the q tile's
+      // first token (the causal diagonal). Without a mask, chunk keys up to the first token are
+      // visible to every row (row r is token tile_token + r / G), so the tiles below the
+      // diagonal run unmasked like the prefix.
+      int const chunk0 = key0 - item.prefix;  // chunk key of tile key 0 (< 0: a prefix key)
+      int const last_chunk_key = chunk0 + kKeys - 1;
+      bool const masked =
+          key0 + kKeys > item.end ||
+          (last_chunk_key >= 0 && (args.mask != nullptr || last_chunk_key > item.tile_token));
+      // The tile's flags as a bit mask (one ballot per 32 keys), so that the per-element test is
+      // branch-free register arithmetic rather than a shared-memory byte load.
+      unsigned long long flag_bits = 0;
+      if (masked) {
+        unsigned char const* const flags = s_flag + stage * kKeys;
+        flag_bits = __ballot_sync(0xffffffffu, lane < kKeys && flags[lane] != 0);
+        if constexpr (kKeys > 32) {
+          flag_bits |=
+              static_cast<unsigned long long>(__ballot_sync(0xffffffffu, flags[lane + 32] != 0))
+              << 32;
+        }
+      }
+      auto visible = [&](int row_in_warp, int key) {
+        int const chunk_key = chunk0 + key;
+        int const query = item.tile_token + (row0 + row_in_warp) / kGroupSize;
+        bool const flag = ((flag_bits >> key) & 1ull) != 0;
+        return (key0 + key < item.end) &
+               ((chunk_key < 0) | (chunk_key == query) | ((chunk_key < query) & flag));
+      };
       if constexpr (Traits::kTensorCores) {
         std::uint32_t const k_address = smem_address(k_tile);
         if (masked) {
