@@ -15,6 +15,8 @@
 #   --source NAME    a prefill benchmark name: one launch of its attention kernel with warp-stall
 #                    sampling per SASS instruction (SourceCounters), exported to
 #                    $OUT/source-<name>.csv (ncu's source page) and summarised by opcode
+#   --source-store NAME  the same for the prepare kernel of a store-prefill benchmark
+#                    (bench_prefill_store's prefill_store/<key>)
 # Output: $OUT/profile-<name>.csv ($OUT defaults to ./out); the table last.
 set -uo pipefail
 
@@ -23,6 +25,7 @@ build_dir=""
 decode=()
 prefill=()
 source=()
+source_store=()
 kernels=6
 while (($# > 0)); do
   case "$1" in
@@ -31,7 +34,8 @@ while (($# > 0)); do
     --prefill) prefill+=("${2:?--prefill needs a name}"); shift ;;
     --kernels) kernels=${2:?--kernels needs a number}; shift ;;
     --source) source+=("${2:?--source needs a name}"); shift ;;
-    -h | --help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --source-store) source_store+=("${2:?--source-store needs a name}"); shift ;;
+    -h | --help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu-profile: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -76,19 +80,21 @@ profile() {
   echo "${file}"
 }
 
-# source_profile <benchmark name>: per-instruction stall samples of one prefill-attention launch.
+# source_profile <binary> <benchmark name> <kernel regex>: per-instruction stall samples of one
+# launch of the kernel.
 source_profile() {
-  local name=$1 report="${out}/source-${1//\//_}"
+  local binary=$1 name=$2 regex=$3 report="${out}/source-${2//\//_}"
   ncu --clock-control none --section SourceCounters --section WarpStateStats -k \
-    "regex:prefill_attention_kernel" -c 1 -f -o "${report}" \
-    "${build_dir}/benchmarks/kvc_bench_prefill" --benchmark_filter="^${name}/" \
+    "regex:${regex}" -c 1 -f -o "${report}" \
+    "${build_dir}/benchmarks/${binary}" --benchmark_filter="^${name}/" \
     > "${report}.log" 2>&1
   ncu -i "${report}.ncu-rep" --page source --csv --print-source sass > "${report}.csv" \
     2>> "${report}.log"
   ncu -i "${report}.ncu-rep" --page details --csv > "${report}-details.csv" 2>> "${report}.log"
   python3 - "${report}.csv" << 'EOF'
 import csv, sys, collections
-rows = list(csv.DictReader(line for line in open(sys.argv[1]) if line.strip()))
+rows = list(csv.DictReader(line for line in open(sys.argv[1])
+                           if line.strip() and not line.startswith('"Kernel Name"')))
 if not rows:
     sys.exit(f"no rows in {sys.argv[1]}")
 print("columns:", ", ".join(rows[0].keys())[:600])
@@ -115,7 +121,10 @@ EOF
 
 files=()
 for name in "${source[@]}"; do
-  source_profile "${name}"
+  source_profile kvc_bench_prefill "${name}" prefill_attention_kernel
+done
+for name in "${source_store[@]}"; do
+  source_profile kvc_bench_prefill_store "${name}" prefill_prepare_kernel
 done
 for name in "${decode[@]}"; do
   files+=("$(profile "${build_dir}/benchmarks/kvc_bench_decode" "${name}" 'decode_')")
