@@ -15,7 +15,6 @@
 
 #include "kvc/cache/detail/allocator_kernels.cuh"
 #include "kvc/cache/detail/block_scan.cuh"
-#include "kvc/cache/detail/rope_rows.hpp"
 #include "kvc/cache/detail/update_kernel.cuh"
 #include "kvc/cache/step_report.hpp"
 #include "kvc/cache/store_layout.hpp"
@@ -248,6 +247,56 @@ KVC_DEVICE void prefill_refused_inputs(PrefillKernelParams<T> const& p, int row)
   }
 }
 
+//! RoPE of `count` token rows of `heads` x `d` elements, `in` to `out` (both [count, heads, d],
+//! not overlapping), one RoPE pair per thread and step: both members are loaded once and written
+//! together, with 32-bit index maths, kRopeBatch pairs per thread loaded before any is written
+//! (the loads of a step are in flight together). The arithmetic is update_kernel's (rotate_with),
+//! element for element; dim `decision` (DMC's decision dim, -1 for none) reads and writes as 0.
+//! `angle_of(i, dim)` gives the angle of row i's pair of `dim`.
+template <class T, class AngleOf>
+KVC_DEVICE void prefill_rope_rows(T const* __restrict__ in, T* __restrict__ out, int count,
+                                  int heads, int d, int decision, RopeLayout layout,
+                                  AngleOf const& angle_of) {
+  constexpr int kRopeBatch = 4;
+  int const pairs = d / 2;
+  int const per_row = heads * pairs;
+  int const total = count * per_row;
+  bool const interleaved = layout == RopeLayout::kInterleaved;
+  int const stride = static_cast<int>(blockDim.x);
+  for (int step = threadIdx.x; step < total; step += kRopeBatch * stride) {
+    float a[kRopeBatch], b[kRopeBatch];
+    int first[kRopeBatch], second[kRopeBatch], row[kRopeBatch], base[kRopeBatch];
+#pragma unroll
+    for (int u = 0; u < kRopeBatch; ++u) {
+      int const index = step + u * stride;
+      int const i = index / per_row;
+      int const rest = index - i * per_row;
+      int const head = rest / pairs;
+      int const pair = rest - head * pairs;
+      row[u] = i;
+      first[u] = interleaved ? 2 * pair : pair;
+      second[u] = interleaved ? first[u] + 1 : first[u] + pairs;
+      base[u] = (i * heads + head) * d;
+      bool const live = index < total;
+      a[u] =
+          !live || first[u] == decision ? 0.0f : DTypeTraits<T>::to_float(in[base[u] + first[u]]);
+      b[u] =
+          !live || second[u] == decision ? 0.0f : DTypeTraits<T>::to_float(in[base[u] + second[u]]);
+    }
+#pragma unroll
+    for (int u = 0; u < kRopeBatch; ++u) {
+      if (step + u * stride >= total) break;
+      ElementRope const angle = angle_of(row[u], first[u]);
+      float const rotated_a =
+          first[u] == decision ? 0.0f : rotate_with(a[u], b[u], first[u], d, layout, angle);
+      float const rotated_b =
+          second[u] == decision ? 0.0f : rotate_with(b[u], a[u], second[u], d, layout, angle);
+      out[base[u] + first[u]] = DTypeTraits<T>::from_float(rotated_a);
+      out[base[u] + second[u]] = DTypeTraits<T>::from_float(rotated_b);
+    }
+  }
+}
+
 //! Dynamic shared memory (bytes) of prefill_prepare_kernel.
 inline std::size_t prefill_prepare_shared_bytes(StoreDims const& dims, int window) {
   std::size_t const d = static_cast<std::size_t>(dims.head_dim);
@@ -331,15 +380,16 @@ KVC_GLOBAL void __launch_bounds__(kPrefillThreads)
   };
 
   // The q attention uses (update_kernel's arithmetic; DMC: the decision dim zeroed before and
-  // after), then (Full, H2O, TOVA) the RoPE'd keys: rope_rows.hpp, this thread's share.
-  std::int64_t const q_first = static_cast<std::int64_t>(rw.begin + t0) * hq * d;
-  rope_rows_share(p.q + q_first, static_cast<T*>(p.buf.q_att) + q_first, count, hq, d, decision,
-                  layout, angle_of, static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x));
+  // after), then (Full, H2O, TOVA) the RoPE'd keys.
+  prefill_rope_rows(
+      p.q + static_cast<std::int64_t>(rw.begin + t0) * hq * d,
+      static_cast<T*>(p.buf.q_att) + static_cast<std::int64_t>(rw.begin + t0) * hq * d, count, hq,
+      d, decision, layout, angle_of);
   T* k_att = static_cast<T*>(p.buf.k_att);
   if (!dmc) {
-    std::int64_t const k_first = static_cast<std::int64_t>(rw.begin + t0) * hkv * d;
-    rope_rows_share(p.k + k_first, k_att + k_first, count, hkv, d, -1, layout, angle_of,
-                    static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x));
+    prefill_rope_rows(p.k + static_cast<std::int64_t>(rw.begin + t0) * hkv * d,
+                      k_att + static_cast<std::int64_t>(rw.begin + t0) * hkv * d, count, hkv, d, -1,
+                      layout, angle_of);
     return;
   }
 
