@@ -14,7 +14,8 @@
 #   --kernels N      kernels profiled per shape (default 6: a few launches of each kernel)
 #   --source NAME    a prefill benchmark name: one launch of its attention kernel with warp-stall
 #                    sampling per SASS instruction (SourceCounters), exported to
-#                    $OUT/source-<name>.csv (ncu's source page) and summarised by opcode
+#                    $OUT/source-<name>.csv (ncu's source page), summarised by
+#                    scripts/source-summary.py (stall reasons, opcodes, top instructions)
 #   --source-store NAME  the same for the prepare kernel of a store-prefill benchmark
 #                    (bench_prefill_store's prefill_store/<key>)
 # Output: $OUT/profile-<name>.csv ($OUT defaults to ./out); the table last.
@@ -35,7 +36,7 @@ while (($# > 0)); do
     --kernels) kernels=${2:?--kernels needs a number}; shift ;;
     --source) source+=("${2:?--source needs a name}"); shift ;;
     --source-store) source_store+=("${2:?--source-store needs a name}"); shift ;;
-    -h | --help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu-profile: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -91,32 +92,7 @@ source_profile() {
   ncu -i "${report}.ncu-rep" --page source --csv --print-source sass > "${report}.csv" \
     2>> "${report}.log"
   ncu -i "${report}.ncu-rep" --page details --csv > "${report}-details.csv" 2>> "${report}.log"
-  python3 - "${report}.csv" << 'EOF'
-import csv, sys, collections
-rows = list(csv.DictReader(line for line in open(sys.argv[1])
-                           if line.strip() and not line.startswith('"Kernel Name"')))
-if not rows:
-    sys.exit(f"no rows in {sys.argv[1]}")
-print("columns:", ", ".join(rows[0].keys())[:600])
-sample_keys = [k for k in rows[0] if "Sampling" in k and "All" in k]
-def num(v):
-    try:
-        return float(str(v).replace(",", ""))
-    except ValueError:
-        return 0.0
-by_op = collections.Counter()
-total = 0.0
-for r in rows:
-    text = (r.get("Source") or "").strip()
-    words = [w for w in text.split() if not w.startswith("@")]
-    op = words[0].split(".")[0] if words else "?"
-    samples = sum(num(r[k]) for k in sample_keys)
-    by_op[op] += samples
-    total += samples
-print(f"{sys.argv[1]}: {total:.0f} warp-stall samples ({', '.join(sample_keys)})")
-for op, n in by_op.most_common(14):
-    print(f"  {op:<12} {n:8.0f}  {100 * n / max(total, 1):5.1f} %")
-EOF
+  python3 scripts/source-summary.py "${report}.csv" "${name}: ${regex}"
 }
 
 files=()

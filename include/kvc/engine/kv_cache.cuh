@@ -147,8 +147,8 @@ class BasicKVCache {
 
   //! Builds a cache for `config` into `out`: validates, allocates (one cudaMalloc, one
   //! cudaMallocHost), zeroes the device memory and initialises the store on `stream`
-  //! (asynchronously). On error `out` is
-  //! unchanged and nothing stays allocated. A cache `out` already held is destroyed on success.
+  //! (asynchronously). On error `out` is unchanged and nothing stays allocated. A cache `out`
+  //! already held is destroyed on success.
   //! Errors: as required_bytes; kErrorCuda when an allocation or launch fails.
   static Status create(KVCacheConfig const& config, cudaStream_t stream, BasicKVCache& out) {
     Layout layout;
