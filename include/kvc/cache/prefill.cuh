@@ -68,8 +68,8 @@ namespace detail {
 //! Byte offsets of the prefill workspace (each array aligned to 256 bytes).
 struct PrefillLayout {
   std::size_t q_att = 0, k_att = 0, v_att = 0, rope = 0, merge = 0, visible = 0, omega = 0;
-  std::size_t prefix = 0, row_first = 0, seed_k = 0, seed_v = 0, seed_w = 0, probs = 0,
-              cand_score = 0;
+  std::size_t prefix = 0, arrivals = 0, row_first = 0, seed_k = 0, seed_v = 0, seed_w = 0,
+              probs = 0, cand_score = 0;
   std::size_t cand_key = 0, cand_rank = 0, stage_k = 0, stage_v = 0, stage_pos = 0;
   std::size_t stage_score = 0, attention = 0;
   std::size_t attention_bytes = 0;
@@ -171,6 +171,7 @@ Status prefill_layout(PagedStoreConfig const& config, PrefillBatch const& chunks
   builder.add(layout.visible, dmc ? n * hkv : 0, 1);
   builder.add(layout.omega, dmc ? n * hkv : 0, sizeof(float));
   builder.add(layout.prefix, dmc ? b * hkv : 0, sizeof(std::int32_t));
+  builder.add(layout.arrivals, dmc ? b * hkv : 0, sizeof(std::int32_t));
   builder.add(layout.row_first, b, sizeof(std::int64_t));
   builder.add(layout.seed_k, dmc ? b * hkv * d : 0, sizeof(float));
   builder.add(layout.seed_v, dmc ? b * hkv * d : 0, sizeof(float));
@@ -216,6 +217,7 @@ inline PrefillBuffers carve_prefill_buffers(PrefillLayout const& layout, unsigne
     buf.visible = static_cast<std::uint8_t*>(at(layout.visible));
     buf.omega = static_cast<float*>(at(layout.omega));
     buf.prefix = static_cast<std::int32_t*>(at(layout.prefix));
+    buf.arrivals = static_cast<std::int32_t*>(at(layout.arrivals));
     buf.seed_k = static_cast<float*>(at(layout.seed_k));
     buf.seed_v = static_cast<float*>(at(layout.seed_v));
     buf.seed_w = static_cast<float*>(at(layout.seed_w));
@@ -373,14 +375,19 @@ Status prefill_layer(PagedStore& store, int layer, T const* q, T const* k, T con
   attention.workspace = base + layout.attention;
   attention.workspace_bytes = layout.attention_bytes;
 
-  int const tiles = (chunks.max_chunk + detail::kPrefillTile - 1) / detail::kPrefillTile;
-  dim3 const prepare_grid(static_cast<unsigned>(tiles), static_cast<unsigned>(chunks.batch));
+  dim3 const prepare_grid =
+      detail::prefill_prepare_grid(store.dims(), chunks.batch, chunks.max_chunk);
   std::size_t const smem = detail::prefill_prepare_shared_bytes(store.dims(), config.dmc_window());
   detail::prefill_prepare_kernel<T>
       <<<prepare_grid, detail::kPrefillThreads, smem, stream>>>(params);
   KVC_RETURN_IF_ERROR(detail::last_cuda_status());
   dim3 const head_grid(static_cast<unsigned>(store.dims().num_kv_heads),
                        static_cast<unsigned>(chunks.batch));
+  params.commit_split =
+      detail::prefill_commit_split(store.dims(), chunks.batch, chunks.max_chunk, dmc);
+  dim3 const commit_grid(
+      head_grid.x, head_grid.y,
+      static_cast<unsigned>((chunks.max_chunk + params.commit_split - 1) / params.commit_split));
   if (dmc && config.dmc_window() == 0) {
     int const threads = detail::update_threads(store.dims().head_dim);
     std::size_t const scan_smem = sizeof(float) * static_cast<std::size_t>(store.dims().head_dim);
@@ -388,7 +395,7 @@ Status prefill_layer(PagedStore& store, int layer, T const* q, T const* k, T con
     KVC_RETURN_IF_ERROR(detail::last_cuda_status());
   }
   KVC_RETURN_IF_ERROR(Attention::run(attention, stream));
-  detail::prefill_commit_kernel<T><<<head_grid, detail::kPrefillThreads, 0, stream>>>(params);
+  detail::prefill_commit_kernel<T><<<commit_grid, detail::kPrefillThreads, 0, stream>>>(params);
   return detail::last_cuda_status();
 }
 

@@ -15,6 +15,14 @@
 #define KVC_HOST inline
 #endif
 
+//! `#pragma unroll` for loops in host-and-device code: in the device pass only (a host compiler,
+//! nvcc's host pass included, would warn about the unknown pragma).
+#if defined(__CUDA_ARCH__)
+#define KVC_UNROLL _Pragma("unroll")
+#else
+#define KVC_UNROLL
+#endif
+
 #if defined(__CUDA_ARCH__)
 #define KVC_IS_DEVICE_CODE 1
 #else

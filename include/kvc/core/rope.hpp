@@ -46,13 +46,23 @@ KVC_HOST_DEVICE bool rope_is_first(int dim, int head_dim, RopeLayout layout) {
   return layout == RopeLayout::kInterleaved ? (dim % 2 == 0) : dim < head_dim / 2;
 }
 
-//! cos and sin of the angle of pair `pair` at position `position`.
-KVC_HOST_DEVICE void rope_cos_sin(int pair, int head_dim, double theta, std::int64_t position,
-                                  float& cos_out, float& sin_out) {
-  double const inv_freq = pow(theta, -2.0 * static_cast<double>(pair) / static_cast<double>(head_dim));
+//! The inverse frequency of pair `pair`, theta^(-2 pair / head_dim), in double.
+KVC_HOST_DEVICE double rope_inv_freq(int pair, int head_dim, double theta) {
+  return pow(theta, -2.0 * static_cast<double>(pair) / static_cast<double>(head_dim));
+}
+
+//! cos and sin of the angle position * inv_freq (inv_freq from rope_inv_freq).
+KVC_HOST_DEVICE void rope_cos_sin_at(double inv_freq, std::int64_t position, float& cos_out,
+                                     float& sin_out) {
   double const angle = static_cast<double>(position) * inv_freq;
   cos_out = static_cast<float>(cos(angle));
   sin_out = static_cast<float>(sin(angle));
+}
+
+//! cos and sin of the angle of pair `pair` at position `position`.
+KVC_HOST_DEVICE void rope_cos_sin(int pair, int head_dim, double theta, std::int64_t position,
+                                  float& cos_out, float& sin_out) {
+  rope_cos_sin_at(rope_inv_freq(pair, head_dim, theta), position, cos_out, sin_out);
 }
 
 //! Rotated value of element `dim`, given its own value `x` and its partner's value `partner`.

@@ -15,6 +15,7 @@
 
 #include "kvc/cache/detail/allocator_kernels.cuh"
 #include "kvc/cache/detail/block_scan.cuh"
+#include "kvc/cache/detail/rope_rows.hpp"
 #include "kvc/cache/detail/update_kernel.cuh"
 #include "kvc/cache/step_report.hpp"
 #include "kvc/cache/store_layout.hpp"
@@ -49,6 +50,7 @@ struct PrefillBuffers {
   std::uint8_t* visible = nullptr;    //!< [N, Hkv] DMC chunk_key_visible (and "kept")
   float* omega = nullptr;             //!< [N, Hkv] DMC omega of every chunk token
   std::int32_t* prefix = nullptr;     //!< [B, Hkv] DMC prefix lengths
+  std::int32_t* arrivals = nullptr;   //!< [B, Hkv] DMC commit blocks done per head
   std::int64_t* row_first = nullptr;  //!< [B] position of each row's chunk token 0
   float* seed_k = nullptr;            //!< [B, Hkv, D] DMC sums of P_{T-1} (k)
   float* seed_v = nullptr;            //!< [B, Hkv, D] DMC sums of P_{T-1} (v)
@@ -81,6 +83,8 @@ struct PrefillKernelParams {
   RopeConfig rope{};
   PolicyConfig policy{};
   PrefillBuffers buf{};
+  int commit_split =
+      0;  // DMC: chunk tokens per commit block (grid z), a multiple of kPrefillThreads
 };
 
 //! Slots a head needs after a prefill chunk of `tokens` on top of `length` (DMC: the worst case,
@@ -229,95 +233,253 @@ KVC_DEVICE void prefill_refused_inputs(PrefillKernelParams<T> const& p, int row)
   int const t0 = begin + static_cast<int>(blockIdx.x) * kPrefillTile;
   int const t1 = min(end, t0 + kPrefillTile);
   if (t0 >= t1) return;
-  T const zero = DTypeTraits<T>::from_float(0.0f);
-  auto clear = [&](void* array, int row_elements) {  // rows t0 .. t1 - 1 of [N, row_elements]
+  // Rows t0 .. t1 - 1 of `array` ([N, row_elements] of `zero`'s type) set to `zero`.
+  auto clear = [&](auto* array, int row_elements, auto zero) {
     if (array == nullptr) return;
-    T* const base = static_cast<T*>(array) + static_cast<std::int64_t>(t0) * row_elements;
+    auto* const base = array + static_cast<std::int64_t>(t0) * row_elements;
     std::int64_t const count = static_cast<std::int64_t>(t1 - t0) * row_elements;
     for (std::int64_t i = threadIdx.x; i < count; i += blockDim.x) base[i] = zero;
   };
-  clear(p.buf.q_att, hq * d);
-  clear(p.buf.k_att, hkv * d);
-  clear(p.buf.v_att, hkv * d);
-  if (p.buf.visible != nullptr) {
-    std::int64_t const count = static_cast<std::int64_t>(t1 - t0) * hkv;
-    for (std::int64_t i = threadIdx.x; i < count; i += blockDim.x) {
-      p.buf.visible[static_cast<std::int64_t>(t0) * hkv + i] = 0;
+  T const zero = DTypeTraits<T>::from_float(0.0f);
+  clear(static_cast<T*>(p.buf.q_att), hq * d, zero);
+  clear(static_cast<T*>(p.buf.k_att), hkv * d, zero);
+  clear(static_cast<T*>(p.buf.v_att), hkv * d, zero);
+  clear(p.buf.visible, hkv, std::uint8_t{0});
+}
+
+//! Full policy, in the prepare kernel: writes the chunk tokens t0 .. t0 + count - 1 of row `rw`
+//! of KV heads h0 .. h1 - 1 into their slots (length + token): the RoPE'd key from k_att
+//! (written by this block before a __syncthreads), the value from v, the position. The head's
+//! length does not change here (the commit kernel sets it after the attention), so the slots
+//! stay invisible until then and a refused or failed step shows nothing. A token whose slot lies
+//! past the head's pages is skipped (the commit kernel reports the head as a protocol error).
+//! 16-byte vectors, kBatch per thread loaded before any is stored.
+template <class T>
+KVC_DEVICE void prefill_write_full_tile(PrefillKernelParams<T> const& p, PrefillRow const& rw,
+                                        int t0, int count, int h0, int h1) {
+  constexpr int kBatch = 4;
+  StoreArrays const& a = p.arrays;
+  StoreDims const& dims = p.dims;
+  int const d = dims.head_dim;
+  int const hkv = dims.num_kv_heads;
+  int const heads = h1 - h0;
+  int const vectors = d * static_cast<int>(sizeof(T)) / 16;  // per row
+  int const total = count * heads * vectors;
+  int const threads = static_cast<int>(blockDim.x);
+  T const* k_att = static_cast<T const*>(p.buf.k_att);
+  for (int step = threadIdx.x; step < total; step += kBatch * threads) {
+    uint4 key[kBatch], value[kBatch];
+    std::int64_t target[kBatch];  // slot row, or -1
+    int token[kBatch];
+    KVC_UNROLL
+    for (int u = 0; u < kBatch; ++u) {
+      int const unit = step + u * threads;
+      target[u] = -1;
+      if (unit >= total) continue;
+      int const token_head = unit / vectors;  // i * heads + (h - h0)
+      int const c = unit - token_head * vectors;
+      int const i = token_head / heads;
+      int const h = h0 + token_head - i * heads;
+      token[u] = i;
+      // Element offset of the row in the packed [N, Hkv, D] inputs.
+      std::int64_t const source = (static_cast<std::int64_t>(rw.begin + t0 + i) * hkv + h) * d;
+      key[u] = reinterpret_cast<uint4 const*>(k_att + source)[c];
+      value[u] = reinterpret_cast<uint4 const*>(p.v + source)[c];
+      std::int64_t const head = dims.head_index(p.layer, rw.seq, h);
+      std::int32_t const* pages = a.page_table + head * dims.max_pages_per_head;
+      int const slot = a.lengths[head] + t0 + i;
+      if (slot / dims.page_size < a.page_counts[head]) target[u] = dims.slot_row(pages, slot);
+    }
+    KVC_UNROLL
+    for (int u = 0; u < kBatch; ++u) {
+      if (target[u] < 0) continue;
+      int const c = (step + u * threads) % vectors;
+      reinterpret_cast<uint4*>(static_cast<T*>(a.k_pages) + target[u] * d)[c] = key[u];
+      reinterpret_cast<uint4*>(static_cast<T*>(a.v_pages) + target[u] * d)[c] = value[u];
+      if (c == 0) a.position_pages[target[u]] = static_cast<std::int32_t>(rw.first + t0 + token[u]);
     }
   }
 }
 
-//! RoPE of `count` token rows of `heads` x `d` elements, `in` to `out` (both [count, heads, d],
-//! not overlapping), one RoPE pair per thread and step: both members are loaded once and written
-//! together, with 32-bit index maths, kRopeBatch pairs per thread loaded before any is written
-//! (the loads of a step are in flight together). The arithmetic is update_kernel's (rotate_with),
-//! element for element; dim `decision` (DMC's decision dim, -1 for none) reads and writes as 0.
-//! `angle_of(i, dim)` gives the angle of row i's pair of `dim`.
-template <class T, class AngleOf>
-KVC_DEVICE void prefill_rope_rows(T const* __restrict__ in, T* __restrict__ out, int count,
-                                  int heads, int d, int decision, RopeLayout layout,
-                                  AngleOf const& angle_of) {
-  constexpr int kRopeBatch = 4;
-  int const pairs = d / 2;
-  int const per_row = heads * pairs;
-  int const total = count * per_row;
-  bool const interleaved = layout == RopeLayout::kInterleaved;
-  int const stride = static_cast<int>(blockDim.x);
-  for (int step = threadIdx.x; step < total; step += kRopeBatch * stride) {
-    float a[kRopeBatch], b[kRopeBatch];
-    int first[kRopeBatch], second[kRopeBatch], row[kRopeBatch], base[kRopeBatch];
-#pragma unroll
-    for (int u = 0; u < kRopeBatch; ++u) {
-      int const index = step + u * stride;
-      int const i = index / per_row;
-      int const rest = index - i * per_row;
-      int const head = rest / pairs;
-      int const pair = rest - head * pairs;
-      row[u] = i;
-      first[u] = interleaved ? 2 * pair : pair;
-      second[u] = interleaved ? first[u] + 1 : first[u] + pairs;
-      base[u] = (i * heads + head) * d;
-      bool const live = index < total;
-      a[u] =
-          !live || first[u] == decision ? 0.0f : DTypeTraits<T>::to_float(in[base[u] + first[u]]);
-      b[u] =
-          !live || second[u] == decision ? 0.0f : DTypeTraits<T>::to_float(in[base[u] + second[u]]);
-    }
-#pragma unroll
-    for (int u = 0; u < kRopeBatch; ++u) {
-      if (step + u * stride >= total) break;
-      ElementRope const angle = angle_of(row[u], first[u]);
-      float const rotated_a =
-          first[u] == decision ? 0.0f : rotate_with(a[u], b[u], first[u], d, layout, angle);
-      float const rotated_b =
-          second[u] == decision ? 0.0f : rotate_with(b[u], a[u], second[u], d, layout, angle);
-      out[base[u] + first[u]] = DTypeTraits<T>::from_float(rotated_a);
-      out[base[u] + second[u]] = DTypeTraits<T>::from_float(rotated_b);
-    }
-  }
-}
+//! KV heads per block of the prepare kernel: the grid's third dimension splits a row's KV heads
+//! into ranges of this many (one warp per KV head in the DMC part).
+inline constexpr int kPrefillPrepareHeads = kPrefillThreads / 32;
 
 //! Dynamic shared memory (bytes) of prefill_prepare_kernel.
 inline std::size_t prefill_prepare_shared_bytes(StoreDims const& dims, int window) {
   std::size_t const d = static_cast<std::size_t>(dims.head_dim);
   std::size_t const span = static_cast<std::size_t>(kPrefillTile) + window + 1;
-  return sizeof(float) * (kPrefillTile * d       // cos/sin of the tile
-                          + kPrefillTile * d     // partial means of k (RoPE partner exchange)
-                          + span)                // omegas of the decision span
-         + sizeof(int) * (span + kPrefillTile);  // merges of the span, oldest member per token
+  std::size_t const warps = kPrefillThreads / 32;
+  return sizeof(float) * (kPrefillTile * d               // cos/sin of the tile
+                          + warps * span)                // each warp's omegas of its decision span
+         + sizeof(int) * warps * (span + kPrefillTile);  // its merges, oldest member per token
 }
 
-//! Grid (ceil(max_chunk / kPrefillTile), batch); block kPrefillThreads. One block per tile of
-//! kPrefillTile chunk tokens of a row, looping over the KV heads:
-//! - cos and sin of every RoPE pair at the tile's positions (rope_cos_sin, once per layer and
-//!   token), kept for the DMC scan kernel;
-//! - q_att: q RoPE'd at first + i (DMC: decision dim zeroed before and after);
-//! - Full/H2O/TOVA: k_att = k RoPE'd;
-//! - DMC: decisions and omegas of the tile and of the window before it; the mask, the prefix
-//!   lengths; with a window, the partial means P_i summed over the window members from the
-//!   oldest (ring cells for members before the chunk), their keys RoPE'd, and the sums of the
-//!   last token kept as the decode seed. Without a window, the means are left to
-//!   prefill_dmc_scan_kernel.
+//! Grid of prefill_prepare_kernel: (tiles of kPrefillTile tokens, rows, KV head ranges).
+inline dim3 prefill_prepare_grid(StoreDims const& dims, int batch, int max_chunk) {
+  int const tiles = (max_chunk + kPrefillTile - 1) / kPrefillTile;
+  int const ranges = (dims.num_kv_heads + kPrefillPrepareHeads - 1) / kPrefillPrepareHeads;
+  return dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(batch),
+              static_cast<unsigned>(ranges));
+}
+
+//! kWidth elements of T at `source` as floats: one 16-byte vector when kWidth fills one, else
+//! scalar loads.
+template <class T, int kWidth>
+KVC_DEVICE void prefill_load_floats(T const* source, float (&out)[kWidth]) {
+  if constexpr (kWidth == RopeVector<T>::kSize) {
+    RopeVector<T> const vector = *reinterpret_cast<RopeVector<T> const*>(source);
+    KVC_UNROLL
+    for (int m = 0; m < kWidth; ++m) out[m] = DTypeTraits<T>::to_float(vector.x[m]);
+  } else {
+    KVC_UNROLL
+    for (int m = 0; m < kWidth; ++m) out[m] = DTypeTraits<T>::to_float(source[m]);
+  }
+}
+
+//! kWidth floats as T at `target` (one 16-byte vector when kWidth fills one).
+template <class T, int kWidth>
+KVC_DEVICE void prefill_store_floats(T* target, float const (&in)[kWidth]) {
+  if constexpr (kWidth == RopeVector<T>::kSize) {
+    RopeVector<T> vector;
+    KVC_UNROLL
+    for (int m = 0; m < kWidth; ++m) vector.x[m] = DTypeTraits<T>::from_float(in[m]);
+    *reinterpret_cast<RopeVector<T>*>(target) = vector;
+  } else {
+    KVC_UNROLL
+    for (int m = 0; m < kWidth; ++m) target[m] = DTypeTraits<T>::from_float(in[m]);
+  }
+}
+
+//! DMC with a window: lane `lane` of one warp's share of KV head h's partial means for the tile
+//! tokens t0 .. t1 - 1 (oldest_s: each token's oldest window member; omega_s: the omegas of the
+//! span from span_lo). P_i is summed from the oldest member, left to right (ring cells for
+//! members before the chunk, then dmc_term of the chunk tokens), exactly as dmc_prefill does,
+//! so it is bitwise the reference's. Writes v_att (the value means), k_att (the key means
+//! RoPE'd, decision dim zeroed before and after) and, for the chunk's last token, the seed sums.
+//! A unit is kWidth elements of each of two segments A and B whose pairs rotate together:
+//! rotate-half (and kNone) A = dims [e W, e W + W), B = A + d/2, pairs (A[m], B[m]);
+//! interleaved A = [2 e W, 2 e W + W), B = A + W, pairs of adjacent dims within A and within B
+//! (for kWidth 1: the pair (A[0], B[0])).
+template <class T, int kWidth, class AngleOf>
+KVC_DEVICE void prefill_dmc_tile_means(PrefillKernelParams<T> const& p, PrefillRow const& rw,
+                                       int row, int h, std::int64_t head, int t0, int t1,
+                                       int span_lo, float const* omega_s, int const* oldest_s,
+                                       AngleOf const& angle_of, int lane) {
+  StoreArrays const& a = p.arrays;
+  int const d = p.dims.head_dim;
+  int const hkv = p.dims.num_kv_heads;
+  int const window = p.dims.dmc_window;
+  int const decision = p.policy.dmc.decision_index(d);
+  RopeLayout const layout = p.rope.layout;
+  bool const interleaved = layout == RopeLayout::kInterleaved;
+  int const per_token = d / 2 / kWidth;  // units per token
+  int const units = (t1 - t0) * per_token;
+  T* const k_att = static_cast<T*>(p.buf.k_att);
+  T* const v_att = static_cast<T*>(p.buf.v_att);
+  for (int unit = lane; unit < units; unit += 32) {
+    int const i = t0 + unit / per_token;
+    int const e = unit - (i - t0) * per_token;
+    int const dim_a = interleaved ? 2 * e * kWidth : e * kWidth;
+    int const dim_b = interleaved ? dim_a + kWidth : dim_a + d / 2;
+    float sum_ka[kWidth], sum_kb[kWidth], sum_va[kWidth], sum_vb[kWidth];
+    float sum_w = 0.0f;
+    bool started = false;
+    for (int j = oldest_s[i - t0]; j <= i; ++j) {
+      float term_ka[kWidth], term_kb[kWidth], term_va[kWidth], term_vb[kWidth];
+      float term_w;
+      if (j < 0) {
+        std::int64_t const cell = head * window + (rw.first + j) % window;
+        KVC_UNROLL
+        for (int m = 0; m < kWidth; ++m) {
+          term_ka[m] = a.dmc_ring_k[cell * d + dim_a + m];
+          term_kb[m] = a.dmc_ring_k[cell * d + dim_b + m];
+          term_va[m] = a.dmc_ring_v[cell * d + dim_a + m];
+          term_vb[m] = a.dmc_ring_v[cell * d + dim_b + m];
+        }
+        term_w = a.dmc_ring_w[cell];
+      } else {
+        std::int64_t const base = ((rw.begin + j) * static_cast<std::int64_t>(hkv) + h) * d;
+        float ka[kWidth], kb[kWidth], va[kWidth], vb[kWidth];
+        prefill_load_floats<T, kWidth>(p.k + base + dim_a, ka);
+        prefill_load_floats<T, kWidth>(p.k + base + dim_b, kb);
+        prefill_load_floats<T, kWidth>(p.v + base + dim_a, va);
+        prefill_load_floats<T, kWidth>(p.v + base + dim_b, vb);
+        term_w = omega_s[j - span_lo];
+        KVC_UNROLL
+        for (int m = 0; m < kWidth; ++m) {
+          term_ka[m] = dmc_term(term_w, ka[m], dim_a + m == decision);
+          term_kb[m] = dmc_term(term_w, kb[m], dim_b + m == decision);
+          term_va[m] = dmc_term(term_w, va[m], false);
+          term_vb[m] = dmc_term(term_w, vb[m], false);
+        }
+      }
+      KVC_UNROLL
+      for (int m = 0; m < kWidth; ++m) {
+        sum_ka[m] = started ? add_rn(sum_ka[m], term_ka[m]) : term_ka[m];
+        sum_kb[m] = started ? add_rn(sum_kb[m], term_kb[m]) : term_kb[m];
+        sum_va[m] = started ? add_rn(sum_va[m], term_va[m]) : term_va[m];
+        sum_vb[m] = started ? add_rn(sum_vb[m], term_vb[m]) : term_vb[m];
+      }
+      sum_w = started ? add_rn(sum_w, term_w) : term_w;
+      started = true;
+    }
+    // Means, keys rotated (rotate_pair zeroes the decision dim before and after), values.
+    float key_a[kWidth], key_b[kWidth], value_a[kWidth], value_b[kWidth];
+    KVC_UNROLL
+    for (int m = 0; m < kWidth; ++m) {
+      value_a[m] = dmc_slot_value(sum_va[m], sum_w);
+      value_b[m] = dmc_slot_value(sum_vb[m], sum_w);
+    }
+    int const local = i - t0;
+    if (!interleaved || kWidth == 1) {
+      KVC_UNROLL
+      for (int m = 0; m < kWidth; ++m) {
+        rotate_pair(dmc_slot_value(sum_ka[m], sum_w), dmc_slot_value(sum_kb[m], sum_w), dim_a + m,
+                    dim_b + m, d, decision, layout, angle_of(local, dim_a + m), key_a[m], key_b[m]);
+      }
+    } else {
+      KVC_UNROLL
+      for (int m = 0; m + 1 < kWidth; m += 2) {
+        rotate_pair(dmc_slot_value(sum_ka[m], sum_w), dmc_slot_value(sum_ka[m + 1], sum_w),
+                    dim_a + m, dim_a + m + 1, d, decision, layout, angle_of(local, dim_a + m),
+                    key_a[m], key_a[m + 1]);
+        rotate_pair(dmc_slot_value(sum_kb[m], sum_w), dmc_slot_value(sum_kb[m + 1], sum_w),
+                    dim_b + m, dim_b + m + 1, d, decision, layout, angle_of(local, dim_b + m),
+                    key_b[m], key_b[m + 1]);
+      }
+    }
+    std::int64_t const base = ((rw.begin + i) * static_cast<std::int64_t>(hkv) + h) * d;
+    prefill_store_floats<T, kWidth>(k_att + base + dim_a, key_a);
+    prefill_store_floats<T, kWidth>(k_att + base + dim_b, key_b);
+    prefill_store_floats<T, kWidth>(v_att + base + dim_a, value_a);
+    prefill_store_floats<T, kWidth>(v_att + base + dim_b, value_b);
+    if (i == rw.tokens - 1) {
+      std::int64_t const seed = (static_cast<std::int64_t>(row) * hkv + h) * d;
+      KVC_UNROLL
+      for (int m = 0; m < kWidth; ++m) {
+        p.buf.seed_k[seed + dim_a + m] = sum_ka[m];
+        p.buf.seed_k[seed + dim_b + m] = sum_kb[m];
+        p.buf.seed_v[seed + dim_a + m] = sum_va[m];
+        p.buf.seed_v[seed + dim_b + m] = sum_vb[m];
+      }
+      if (e == 0) p.buf.seed_w[static_cast<std::int64_t>(row) * hkv + h] = sum_w;
+    }
+  }
+}
+
+//! Grid prefill_prepare_grid: (tiles of kPrefillTile chunk tokens, rows, ranges of
+//! kPrefillPrepareHeads KV heads); block kPrefillThreads. Block (tile, row, range):
+//! - cos and sin of every RoPE pair at the tile's positions (rope_cos_sin, the pair's inverse
+//!   frequency computed once per thread and pair), kept for the DMC scan kernel;
+//! - q_att: the range's query heads RoPE'd at first + i (DMC: decision dim zeroed before and
+//!   after), 16-byte vectors (rope_rows_share);
+//! - Full/H2O/TOVA: k_att = the range's keys RoPE'd; Full: the chunk's keys, values and
+//!   positions written into their slots past the heads' lengths (prefill_write_full_tile);
+//! - DMC, one warp per KV head of the range: decisions and omegas of the tile and of the window
+//!   before it; the mask, the prefix lengths; with a window, the partial means P_i
+//!   (prefill_dmc_tile_means), their keys RoPE'd, and the sums of the last token kept as the
+//!   decode seed. Without a window, the means are left to prefill_dmc_scan_kernel.
 template <class T>
 KVC_GLOBAL void __launch_bounds__(kPrefillThreads)
     prefill_prepare_kernel(PrefillKernelParams<T> const p) {
@@ -325,11 +487,11 @@ KVC_GLOBAL void __launch_bounds__(kPrefillThreads)
   PrefillRow rw;
   int const row = blockIdx.y;
   if (!prefill_row(p, row, rw)) {
-    prefill_refused_inputs(p, row);
+    if (blockIdx.z == 0) prefill_refused_inputs(p, row);
     return;
   }
   // The commit reads the chunk's first position from here: tokens_seen changes under it.
-  if (blockIdx.x == 0 && threadIdx.x == 0) p.buf.row_first[row] = rw.first;
+  if (blockIdx.x == 0 && blockIdx.z == 0 && threadIdx.x == 0) p.buf.row_first[row] = rw.first;
   int const t0 = static_cast<int>(blockIdx.x) * kPrefillTile;
   if (t0 >= rw.tokens) return;
   int const t1 = min(rw.tokens, t0 + kPrefillTile);
@@ -341,30 +503,40 @@ KVC_GLOBAL void __launch_bounds__(kPrefillThreads)
   int const hq = dims.num_q_heads;
   int const hkv = dims.num_kv_heads;
   int const group = dims.group_size();
+  int const h0 = static_cast<int>(blockIdx.z) * kPrefillPrepareHeads;  // the KV head range
+  int const h1 = min(hkv, h0 + kPrefillPrepareHeads);
   bool const dmc = p.policy.kind == PolicyKind::kDmc;
   DmcConfig const& config = p.policy.dmc;
   int const window = dmc ? dims.dmc_window : 0;
   int const decision = dmc ? config.decision_index(d) : -1;
   RopeLayout const layout = p.rope.layout;
   bool const rotate = layout != RopeLayout::kNone;
-  int const span_lo = max(0, t0 - (window > 0 ? window - 1 : 0));
-  int const span_hi = min(rw.tokens, t1 + 1);
-  float* table = prepare_smem;                                                   // [tile, D/2, 2]
-  float* mean = table + kPrefillTile * d;                                        // [tile, D]
-  float* omega_s = mean + kPrefillTile * d;                                      // [span]
-  int* merge_s = reinterpret_cast<int*>(omega_s + (kPrefillTile + window + 1));  // [span]
-  int* oldest_s = merge_s + (kPrefillTile + window + 1);                         // [tile]
+  int const span = kPrefillTile + window + 1;
+  int const warp = static_cast<int>(threadIdx.x) / 32;
+  int const lane = static_cast<int>(threadIdx.x) % 32;
+  float* table = prepare_smem;                                      // [tile, D/2, 2]
+  float* omega_s = table + kPrefillTile * d + warp * span;          // [span] of this warp
+  int* merge_s = reinterpret_cast<int*>(table + kPrefillTile * d +  // [span] of this warp
+                                        (kPrefillThreads / 32) * span) +
+                 warp * (span + kPrefillTile);
+  int* oldest_s = merge_s + span;  // [tile] of this warp
 
-  // cos and sin of the tile's positions.
+  // cos and sin of the tile's positions (the pair's inverse frequency once per thread and pair).
+  int last_pair = -1;
+  double inv_freq = 0.0;
   for (int index = threadIdx.x; index < count * pairs; index += blockDim.x) {
     int const i = index / pairs;
     int const pair = index % pairs;
     float c = 1.0f;
     float s = 0.0f;
-    if (rotate) rope_cos_sin(pair, d, p.rope.theta, rw.first + t0 + i, c, s);
+    if (rotate) {
+      if (pair != last_pair) inv_freq = rope_inv_freq(pair, d, p.rope.theta);
+      last_pair = pair;
+      rope_cos_sin_at(inv_freq, rw.first + t0 + i, c, s);
+    }
     table[index * 2] = c;
     table[index * 2 + 1] = s;
-    if (p.buf.rope != nullptr) {  // kept for prefill_dmc_scan_kernel
+    if (p.buf.rope != nullptr && blockIdx.z == 0) {  // kept for prefill_dmc_scan_kernel
       std::int64_t const out = (static_cast<std::int64_t>(rw.begin + t0 + i) * pairs + pair) * 2;
       p.buf.rope[out] = c;
       p.buf.rope[out + 1] = s;
@@ -380,24 +552,34 @@ KVC_GLOBAL void __launch_bounds__(kPrefillThreads)
   };
 
   // The q attention uses (update_kernel's arithmetic; DMC: the decision dim zeroed before and
-  // after), then (Full, H2O, TOVA) the RoPE'd keys.
-  prefill_rope_rows(
-      p.q + static_cast<std::int64_t>(rw.begin + t0) * hq * d,
-      static_cast<T*>(p.buf.q_att) + static_cast<std::int64_t>(rw.begin + t0) * hq * d, count, hq,
-      d, decision, layout, angle_of);
+  // after), then (Full, H2O, TOVA) the RoPE'd keys: rope_rows.hpp, this thread's share.
+  std::int64_t const q_first = (static_cast<std::int64_t>(rw.begin + t0) * hq + h0 * group) * d;
+  rope_rows_share(p.q + q_first, static_cast<T*>(p.buf.q_att) + q_first, count, (h1 - h0) * group,
+                  hq * d, d, decision, layout, angle_of, static_cast<int>(threadIdx.x),
+                  static_cast<int>(blockDim.x));
   T* k_att = static_cast<T*>(p.buf.k_att);
   if (!dmc) {
-    prefill_rope_rows(p.k + static_cast<std::int64_t>(rw.begin + t0) * hkv * d,
-                      k_att + static_cast<std::int64_t>(rw.begin + t0) * hkv * d, count, hkv, d, -1,
-                      layout, angle_of);
+    std::int64_t const k_first = (static_cast<std::int64_t>(rw.begin + t0) * hkv + h0) * d;
+    rope_rows_share(p.k + k_first, k_att + k_first, count, h1 - h0, hkv * d, d, -1, layout,
+                    angle_of, static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x));
+    if (p.policy.kind == PolicyKind::kFull) {
+      __syncthreads();  // this block's k_att rows are written
+      prefill_write_full_tile(p, rw, t0, count, h0, h1);
+    }
     return;
   }
 
-  T* v_att = static_cast<T*>(p.buf.v_att);
-  for (int h = 0; h < hkv; ++h) {
+  // DMC: one warp per KV head of the range (warp-uniform loop, no block barrier).
+  int const span_lo = max(0, t0 - (window > 0 ? window - 1 : 0));
+  int const span_hi = min(rw.tokens, t1 + 1);
+  // 16-byte vectors when k, v and the head dim allow them (k_att/v_att are workspace-aligned).
+  constexpr int kVec = RopeVector<T>::kSize;
+  bool const vectors = reinterpret_cast<std::uintptr_t>(p.k) % 16 == 0 &&
+                       reinterpret_cast<std::uintptr_t>(p.v) % 16 == 0 && d % (2 * kVec) == 0;
+  for (int h = h0 + warp; h < h1; h += kPrefillThreads / 32) {
     std::int64_t const head = dims.head_index(p.layer, rw.seq, h);
     // Decisions and omegas of the span (the tile, the window before it, the token after it).
-    for (int j = span_lo + static_cast<int>(threadIdx.x); j < span_hi; j += blockDim.x) {
+    for (int j = span_lo + lane; j < span_hi; j += 32) {
       std::int64_t const token = rw.begin + j;
       bool const merge = dmc_merges(DTypeTraits<T>::to_float(p.k[(token * hkv + h) * d + decision]),
                                     config, rw.first + j == 0);
@@ -410,9 +592,10 @@ KVC_GLOBAL void __launch_bounds__(kPrefillThreads)
       merge_s[j - span_lo] = merge ? 1 : 0;
       omega_s[j - span_lo] = dmc_omega(logit, config);
     }
-    __syncthreads();
+    if (blockIdx.x == 0 && lane == 0) p.buf.arrivals[static_cast<std::int64_t>(row) * hkv + h] = 0;
+    __syncwarp();
     int const group_before = a.dmc_group_length[head];
-    for (int i = t0 + static_cast<int>(threadIdx.x); i < t1; i += blockDim.x) {
+    for (int i = t0 + lane; i < t1; i += 32) {
       std::int64_t const token = rw.begin + i;
       p.buf.merge[token * hkv + h] = static_cast<std::uint8_t>(merge_s[i - span_lo]);
       p.buf.omega[token * hkv + h] = omega_s[i - span_lo];
@@ -433,65 +616,17 @@ KVC_GLOBAL void __launch_bounds__(kPrefillThreads)
         oldest_s[i - t0] = max(start, limit);
       }
     }
-    if (window == 0) {
-      __syncthreads();  // merge_s / omega_s are rewritten for the next head
-      continue;
-    }
-    __syncthreads();
-
-    // Partial means of the tile, summed from the oldest member (dmc_prefill's order).
-    for (int index = threadIdx.x; index < count * d; index += blockDim.x) {
-      int const i = t0 + index / d;
-      int const x = index % d;
-      int const oldest = oldest_s[i - t0];
-      float sum_k = 0.0f;
-      float sum_v = 0.0f;
-      float sum_w = 0.0f;
-      bool started = false;
-      for (int j = oldest; j <= i; ++j) {
-        float term_k;
-        float term_v;
-        float term_w;
-        if (j < 0) {
-          std::int64_t const cell = (rw.first + j) % window;
-          term_k = a.dmc_ring_k[(head * window + cell) * d + x];
-          term_v = a.dmc_ring_v[(head * window + cell) * d + x];
-          term_w = a.dmc_ring_w[head * window + cell];
-        } else {
-          std::int64_t const element =
-              ((rw.begin + j) * static_cast<std::int64_t>(hkv) + h) * d + x;
-          term_w = omega_s[j - span_lo];
-          term_k = dmc_term(term_w, DTypeTraits<T>::to_float(p.k[element]), x == decision);
-          term_v = dmc_term(term_w, DTypeTraits<T>::to_float(p.v[element]), false);
-        }
-        sum_k = started ? add_rn(sum_k, term_k) : term_k;
-        sum_v = started ? add_rn(sum_v, term_v) : term_v;
-        sum_w = started ? add_rn(sum_w, term_w) : term_w;
-        started = true;
-      }
-      mean[(i - t0) * d + x] = x == decision ? 0.0f : dmc_slot_value(sum_k, sum_w);
-      std::int64_t const element = ((rw.begin + i) * static_cast<std::int64_t>(hkv) + h) * d + x;
-      v_att[element] = DTypeTraits<T>::from_float(dmc_slot_value(sum_v, sum_w));
-      if (i == rw.tokens - 1) {
-        std::int64_t const seed = (static_cast<std::int64_t>(row) * hkv + h) * d + x;
-        p.buf.seed_k[seed] = sum_k;
-        p.buf.seed_v[seed] = sum_v;
-        if (x == 0) p.buf.seed_w[static_cast<std::int64_t>(row) * hkv + h] = sum_w;
+    __syncwarp();
+    if (window > 0) {
+      if (vectors) {
+        prefill_dmc_tile_means<T, kVec>(p, rw, row, h, head, t0, t1, span_lo, omega_s, oldest_s,
+                                        angle_of, lane);
+      } else {
+        prefill_dmc_tile_means<T, 1>(p, rw, row, h, head, t0, t1, span_lo, omega_s, oldest_s,
+                                     angle_of, lane);
       }
     }
-    __syncthreads();
-    for (int index = threadIdx.x; index < count * d; index += blockDim.x) {
-      int const i = index / d;
-      int const x = index % d;
-      int const partner = rope_partner(x, d, layout);
-      float const key = x == decision ? 0.0f
-                                      : rotate_with(mean[i * d + x], mean[i * d + partner], x, d,
-                                                    layout, angle_of(i, x));
-      std::int64_t const element =
-          ((rw.begin + t0 + i) * static_cast<std::int64_t>(hkv) + h) * d + x;
-      k_att[element] = DTypeTraits<T>::from_float(key);
-    }
-    __syncthreads();  // mean, merge_s, omega_s, oldest_s are rewritten for the next head
+    __syncwarp();  // merge_s, omega_s, oldest_s are rewritten for the next head
   }
 }
 
@@ -683,9 +818,23 @@ KVC_DEVICE std::uint64_t prefill_select_threshold(std::uint64_t const* keys, int
   return *shared_prefix;
 }
 
-//! Grid (num_kv_heads, batch); block kPrefillThreads. Writes the layer's chunk into the store
-//! for every (row, KV head):
-//! - Full: every token at slot length + j (key RoPE'd), length += T;
+//! Chunk tokens per block of the DMC commit (the commit grid's z splits each head's chunk into
+//! ranges of this many): enough blocks to fill the GPU with a few long prompts (a target of 256
+//! blocks; one block per (row, KV head) left 100 SMs idle for one prompt of 32 heads), whole
+//! block tiles, one range when the policy is not DMC.
+inline int prefill_commit_split(StoreDims const& dims, int batch, int max_chunk, bool dmc) {
+  constexpr int kTargetBlocks = 256;
+  int const tiles = (max_chunk + kPrefillThreads - 1) / kPrefillThreads;
+  if (!dmc || tiles <= 1) return tiles * kPrefillThreads;
+  long long const heads = static_cast<long long>(dims.num_kv_heads) * batch;
+  long long const want = (kTargetBlocks + heads - 1) / heads;
+  int const splits = static_cast<int>(want < tiles ? want : tiles);
+  return (tiles + splits - 1) / splits * kPrefillThreads;
+}
+
+//! Grid (num_kv_heads, batch, DMC: ranges of commit_split tokens); block kPrefillThreads. Writes
+//! the layer's chunk into the store for every (row, KV head):
+//! - Full: length += T (the prepare kernel wrote every token at slot length + j);
 //! - DMC: P_j of every visible (kept) chunk token at slot prefix + rank (the first one overwrites
 //!   the open last slot when token 0 merges), the seed sums, the group length, the ring cells of
 //!   the last min(T, W) tokens, then the pages past ceil(length / page_size) go back;
@@ -705,9 +854,12 @@ KVC_GLOBAL void __launch_bounds__(kPrefillThreads)
   __shared__ int shared_slot[kPrefillThreads];
   __shared__ int last_append;
   __shared__ bool ok;
+  __shared__ bool last_block;
   PrefillRow rw;
   int const row = blockIdx.y;
   int const h = blockIdx.x;
+  int const split = static_cast<int>(blockIdx.z);  // DMC: the chunk's token range; else 0 only
+  if (p.policy.kind != PolicyKind::kDmc && split > 0) return;
   if (!prefill_row(p, row, rw)) return;
   rw.first = p.buf.row_first[row];  // KV head 0's block advances tokens_seen
   StoreArrays const& a = p.arrays;
@@ -725,7 +877,7 @@ KVC_GLOBAL void __launch_bounds__(kPrefillThreads)
   if (threadIdx.x == 0) {
     std::int64_t const capacity = static_cast<std::int64_t>(a.page_counts[head]) * dims.page_size;
     bool const good = prefill_slots_needed(kind, budget, length, tokens) <= capacity;
-    if (!good) atomicAdd(&a.report->protocol_errors, 1);
+    if (!good && split == 0) atomicAdd(&a.report->protocol_errors, 1);
     ok = good;
     last_append = -1;
   }
@@ -740,26 +892,36 @@ KVC_GLOBAL void __launch_bounds__(kPrefillThreads)
     return ((kv_first + static_cast<std::int64_t>(j) * hkv) + h) * d;
   };
   if (kind == PolicyKind::kFull) {
-    prefill_copy_rows<T>(
-        a, dims, pages, tokens, k_att, p.v, [&](int j) { return length + j; }, token_source,
-        [&](int j, std::int64_t slot_row) {
-          a.position_pages[slot_row] = static_cast<std::int32_t>(rw.first + j);
-        });
-    new_length = length + tokens;
+    new_length = length + tokens;  // the prepare kernel wrote the slots (prefill_write_full_tile)
   } else if (kind == PolicyKind::kDmc) {
     T const* v_att = static_cast<T const*>(p.buf.v_att);
     std::int32_t const prefix = p.buf.prefix[static_cast<std::int64_t>(row) * hkv + h];
-    long long kept = 0;
-    for (int tile = 0; tile < tokens; tile += blockDim.x) {
+    // This block copies the kept tokens of [lo, hi); the chunk's gridDim.z blocks of a head run
+    // side by side. Each first counts the kept tokens before lo and in the whole chunk, and the
+    // last append (flags are bytes: a few thousand loads).
+    int const lo = min(tokens, split * p.commit_split);
+    int const hi = min(tokens, lo + p.commit_split);
+    long long before = 0;
+    long long all = 0;
+    for (int j = threadIdx.x; j < tokens; j += blockDim.x) {
+      std::int64_t const token_row = kv_first + static_cast<std::int64_t>(j) * hkv + h;
+      int const flag = p.buf.visible[token_row];
+      all += flag;
+      before += j < lo ? flag : 0;
+      if (p.buf.merge[token_row] == 0) atomicMax(&last_append, j);
+    }
+    before = block_sum(before, scratch);
+    all = block_sum(all, scratch);  // its barriers also order last_append
+    long long kept = before;
+    for (int tile = lo; tile < hi; tile += blockDim.x) {
       int const j = tile + static_cast<int>(threadIdx.x);
       std::int64_t const token_row = kv_first + static_cast<std::int64_t>(j) * hkv + h;
-      int const flag = j < tokens ? p.buf.visible[token_row] : 0;
-      if (j < tokens && p.buf.merge[token_row] == 0) atomicMax(&last_append, j);
+      int const flag = j < hi ? p.buf.visible[token_row] : 0;
       long long total = 0;
       long long const rank = block_exclusive_sum(flag, total, scratch);
       shared_slot[threadIdx.x] = flag != 0 ? static_cast<int>(prefix + kept + rank) : -1;
       __syncthreads();
-      int const in_tile = min(static_cast<int>(blockDim.x), tokens - tile);
+      int const in_tile = min(static_cast<int>(blockDim.x), hi - tile);
       prefill_copy_rows<T>(
           a, dims, pages, in_tile, k_att, v_att, [&](int t) { return shared_slot[t]; },
           [&](int t) { return token_source(tile + t); },
@@ -769,7 +931,17 @@ KVC_GLOBAL void __launch_bounds__(kPrefillThreads)
       kept += total;
       __syncthreads();
     }
-    new_length = static_cast<int>(prefix + kept);
+    new_length = static_cast<int>(prefix + all);
+    // The last of the head's blocks to arrive (every block has read length and page_counts by
+    // then, and copied its rows) seeds the decode state and sets the length.
+    if (threadIdx.x == 0) {
+      __threadfence();
+      int const arrived = atomicAdd(&p.buf.arrivals[static_cast<std::int64_t>(row) * hkv + h], 1);
+      last_block = arrived == static_cast<int>(gridDim.z) - 1;
+    }
+    __syncthreads();
+    if (!last_block) return;
+    __threadfence();
     // The decode state: the sums of P_{T-1}, the group length, the ring of the last tokens.
     int const window = dims.dmc_window;
     int const decision = p.policy.dmc.decision_index(d);

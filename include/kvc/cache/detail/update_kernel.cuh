@@ -19,6 +19,7 @@
 
 #include <cstdint>
 
+#include "kvc/cache/detail/rope_rows.hpp"
 #include "kvc/cache/step_report.hpp"
 #include "kvc/cache/store_config.hpp"
 #include "kvc/cache/store_layout.hpp"
@@ -54,22 +55,6 @@ struct HeadContext {
   int row = 0;                 //!< batch row
   int kv_head = 0;
 };
-
-//! The step's cos and sin of the RoPE pair of this thread's element.
-struct ElementRope {
-  float cos = 1.0f;
-  float sin = 0.0f;
-};
-
-//! kvc::rope_rotate_element with the angle's cos and sin given: the same operations in the
-//! same order (the tests compare every rotated key and q with the reference bit for bit).
-KVC_DEVICE float rotate_with(float x, float partner, int dim, int head_dim, RopeLayout layout,
-                             ElementRope const& angle) {
-  if (layout == RopeLayout::kNone) return x;
-  return rope_is_first(dim, head_dim, layout)
-             ? sub_rn(mul_rn(x, angle.cos), mul_rn(partner, angle.sin))
-             : add_rn(mul_rn(x, angle.cos), mul_rn(partner, angle.sin));
-}
 
 //! Writes `value` into slot `slot` of the head: key/value element `i` (by thread i), position and
 //! (when `score` is not null) score by thread 0.
