@@ -378,8 +378,13 @@ Status prefill_layer(PagedStore& store, int layer, T const* q, T const* k, T con
   dim3 const prepare_grid =
       detail::prefill_prepare_grid(store.dims(), chunks.batch, chunks.max_chunk);
   std::size_t const smem = detail::prefill_prepare_shared_bytes(store.dims(), config.dmc_window());
-  detail::prefill_prepare_kernel<T>
-      <<<prepare_grid, detail::kPrefillThreads, smem, stream>>>(params);
+  if (dmc) {
+    detail::prefill_prepare_kernel<T, true>
+        <<<prepare_grid, detail::kPrefillThreads, smem, stream>>>(params);
+  } else {
+    detail::prefill_prepare_kernel<T, false>
+        <<<prepare_grid, detail::kPrefillThreads, smem, stream>>>(params);
+  }
   KVC_RETURN_IF_ERROR(detail::last_cuda_status());
   dim3 const head_grid(static_cast<unsigned>(store.dims().num_kv_heads),
                        static_cast<unsigned>(chunks.batch));

@@ -117,12 +117,15 @@ struct PrefillAllocParams {
 //! [0, total_tokens]), then for every (layer, KV head) of the row's sequence in the prepared
 //! layers takes the pages that prefill_slots_needed asks for from the free stack (one
 //! compare-and-swap per chunk of heads; a head's pages are consecutive ranks of a block-wide prefix
-//! sum of the demands). The last block folds the rows into the step report, as prepare_step_kernel
-//! does. Pages granted to a row that still fails stay with their heads (spare capacity, as in a
-//! refused decode step).
+//! sum of the demands, and the page-table entries of all heads of a chunk are written by all the
+//! block's threads, each finding its entry's head by a binary search over the ranks). The last
+//! block folds the rows into the step report, as prepare_step_kernel does. Pages granted to a row
+//! that still fails stay with their heads (spare capacity, as in a refused decode step).
 KVC_GLOBAL void __launch_bounds__(kPrefillAllocThreads)
     prefill_allocate_kernel(PrefillAllocParams const p) {
   __shared__ BlockScratch scratch;
+  __shared__ int first_grant[kPrefillAllocThreads];        // each thread's exclusive rank
+  __shared__ std::int64_t table_at[kPrefillAllocThreads];  // its head's first new table entry
   __shared__ int row_flags;
   __shared__ int row_short;
   __shared__ int grant_base;
@@ -172,18 +175,32 @@ KVC_GLOBAL void __launch_bounds__(kPrefillAllocThreads)
         grant_count = pop_pages(a.free_count, static_cast<int>(total), base);
         grant_base = base;
       }
+      first_grant[threadIdx.x] = rank;
+      table_at[threadIdx.x] = head * dims.max_pages_per_head + count;
       __syncthreads();
-      if (demand > 0) {
-        int const granted = grant_count - rank < demand ? grant_count - rank : demand;
-        int taken = 0;
-        for (; taken < granted; ++taken) {
-          a.page_table[head * dims.max_pages_per_head + count + taken] =
-              a.free_stack[grant_base + rank + taken];
+      // Grant e (e < grant_count) goes to the last thread whose rank is <= e: a thread without
+      // demand shares its rank with the next thread, so the last one is the one that asked.
+      int const grants = static_cast<int>(total < grant_count ? total : grant_count);
+      for (int e = threadIdx.x; e < grants; e += blockDim.x) {
+        int low = 0;
+        int high = static_cast<int>(blockDim.x) - 1;
+        while (low < high) {
+          int const mid = (low + high + 1) / 2;
+          if (first_grant[mid] <= e) {
+            low = mid;
+          } else {
+            high = mid - 1;
+          }
         }
+        a.page_table[table_at[low] + (e - first_grant[low])] = a.free_stack[grant_base + e];
+      }
+      if (demand > 0) {
+        int const left = grant_count - rank;
+        int const taken = left <= 0 ? 0 : (left < demand ? left : demand);
         if (taken > 0) a.page_counts[head] = count + taken;
         if (taken < demand) atomicAdd(&row_short, demand - taken);
       }
-      __syncthreads();  // grant_* are rewritten by the next chunk
+      __syncthreads();  // grant_*, first_grant and table_at are rewritten by the next chunk
     }
   }
   fold_step_report(a, row, p.batch, row_flags, row_short, last_block, scratch);
@@ -480,7 +497,9 @@ KVC_DEVICE void prefill_dmc_tile_means(PrefillKernelParams<T> const& p, PrefillR
 //!   before it; the mask, the prefix lengths; with a window, the partial means P_i
 //!   (prefill_dmc_tile_means), their keys RoPE'd, and the sums of the last token kept as the
 //!   decode seed. Without a window, the means are left to prefill_dmc_scan_kernel.
-template <class T>
+//! kDmc: the policy is DMC (an instantiation each, so that Full/H2O/TOVA's keep the registers
+//! of their short path).
+template <class T, bool kDmc>
 KVC_GLOBAL void __launch_bounds__(kPrefillThreads)
     prefill_prepare_kernel(PrefillKernelParams<T> const p) {
   extern __shared__ float prepare_smem[];
@@ -505,7 +524,7 @@ KVC_GLOBAL void __launch_bounds__(kPrefillThreads)
   int const group = dims.group_size();
   int const h0 = static_cast<int>(blockIdx.z) * kPrefillPrepareHeads;  // the KV head range
   int const h1 = min(hkv, h0 + kPrefillPrepareHeads);
-  bool const dmc = p.policy.kind == PolicyKind::kDmc;
+  constexpr bool dmc = kDmc;
   DmcConfig const& config = p.policy.dmc;
   int const window = dmc ? dims.dmc_window : 0;
   int const decision = dmc ? config.decision_index(d) : -1;
