@@ -18,6 +18,8 @@
 #                    scripts/source-summary.py (stall reasons, opcodes, top instructions)
 #   --source-store NAME  the same for the prepare kernel of a store-prefill benchmark
 #                    (bench_prefill_store's prefill_store/<key>)
+#   --source-kernel REGEX  the kernel of the --source profiles (default prefill_attention_kernel;
+#                    e.g. prefill_plan_kernel)
 # Output: $OUT/profile-<name>.csv ($OUT defaults to ./out); the table last.
 set -uo pipefail
 
@@ -28,6 +30,7 @@ prefill=()
 source=()
 source_store=()
 kernels=6
+source_kernel=prefill_attention_kernel
 while (($# > 0)); do
   case "$1" in
     --build-dir) build_dir=${2:?--build-dir needs a directory}; shift ;;
@@ -36,7 +39,8 @@ while (($# > 0)); do
     --kernels) kernels=${2:?--kernels needs a number}; shift ;;
     --source) source+=("${2:?--source needs a name}"); shift ;;
     --source-store) source_store+=("${2:?--source-store needs a name}"); shift ;;
-    -h | --help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --source-kernel) source_kernel=${2:?--source-kernel needs a regex}; shift ;;
+    -h | --help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu-profile: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -97,7 +101,7 @@ source_profile() {
 
 files=()
 for name in "${source[@]}"; do
-  source_profile kvc_bench_prefill "${name}" prefill_attention_kernel
+  source_profile kvc_bench_prefill "${name}" "${source_kernel}"
 done
 for name in "${source_store[@]}"; do
   source_profile kvc_bench_prefill_store "${name}" prefill_prepare_kernel
