@@ -5,6 +5,8 @@
 //! DefaultVariant.
 //!
 //! One call enqueues, on the caller's stream and nothing else:
+//!   0. only with a DMC mask: prefill_compact_kernel (one block per (row, KV head)): the chunk's
+//!      visible keys in order, so that attention visits only them (prefill_plan.cuh);
 //!   1. prefill_plan_kernel (one block): chunk boundaries and prefix lengths -> cost-ordered work
 //!      list of (q tile, key split) items, score units (prefill_plan.cuh);
 //!   2. prefill_attention_kernel (persistent, SMs x resident CTAs): attention with split merge
@@ -74,6 +76,13 @@ inline bool prefill_scores_on(PrefillParams const& params) {
   return params.scores.mode != PrefillScoreMode::kNone;
 }
 
+//! True when the call compacts the chunk keys of its DMC mask (prefill_plan.cuh): with a mask,
+//! unless the variant transforms logits (its slot index is the uncompacted one).
+template <class Variant>
+bool prefill_compacts(PrefillParams const& params) {
+  return params.chunk_key_visible != nullptr && !Variant::kTransformsLogits;
+}
+
 }  // namespace detail
 
 template <class Variant, class T, int kHeadDim, int kGroupSize>
@@ -86,7 +95,8 @@ Status PrefillAttention<Variant, T, kHeadDim, kGroupSize>::workspace_size(
       (detail::PrefillKernels<Variant, T, kHeadDim, kGroupSize>::attention_grid(grid)));
   bytes = detail::PrefillWorkspaceLayout::make(
               params.batch, params.total_tokens, params.cache.num_kv_heads, params.num_q_heads,
-              Traits::kRows, Traits::kTokens, kHeadDim, grid, detail::prefill_scores_on(params))
+              Traits::kRows, Traits::kTokens, kHeadDim, grid, detail::prefill_scores_on(params),
+              detail::prefill_compacts<Variant>(params))
               .bytes;
   return Status::kSuccess;
 }
@@ -134,7 +144,7 @@ Status PrefillAttention<Variant, T, kHeadDim, kGroupSize>::run(PrefillParams con
   if (scores) KVC_RETURN_IF_ERROR(Kernels::score_grid(score_grid));
   detail::PrefillWorkspaceLayout const layout = detail::PrefillWorkspaceLayout::make(
       params.batch, params.total_tokens, cache.num_kv_heads, params.num_q_heads, Traits::kRows,
-      Traits::kTokens, kHeadDim, grid, scores);
+      Traits::kTokens, kHeadDim, grid, scores, detail::prefill_compacts<Variant>(params));
   if (params.workspace_bytes < layout.bytes) return Status::kErrorSizeMismatch;
   detail::PrefillWorkspace const ws = layout.carve(params.workspace);
 
@@ -151,6 +161,7 @@ Status PrefillAttention<Variant, T, kHeadDim, kGroupSize>::run(PrefillParams con
   plan.tokens_per_tile = Traits::kTokens;
   plan.grid = grid;
   plan.score_stride = scores ? params.scores.stride : 0;
+  plan.mask = params.chunk_key_visible;
   plan.ws = ws;
 
   detail::PrefillKernelArgs<T> args;
@@ -175,6 +186,12 @@ Status PrefillAttention<Variant, T, kHeadDim, kGroupSize>::run(PrefillParams con
   args.write_lse2 = scores;
   args.ws = ws;
 
+  if (ws.visible_through != nullptr) {
+    dim3 const pairs(static_cast<unsigned>(params.batch),
+                     static_cast<unsigned>(cache.num_kv_heads));
+    detail::prefill_compact_kernel<<<pairs, detail::kPrefillCompactThreads, 0, stream>>>(plan);
+    if (cudaGetLastError() != cudaSuccess) return Status::kErrorCuda;
+  }
   detail::prefill_plan_kernel<<<1, detail::kPrefillPlanThreads, 0, stream>>>(plan);
   if (cudaGetLastError() != cudaSuccess) return Status::kErrorCuda;
 

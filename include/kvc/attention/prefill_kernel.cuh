@@ -13,6 +13,7 @@
 //! merges them in split order.
 #pragma once
 
+#include <climits>
 #include <cstdint>
 #include <type_traits>
 
@@ -73,7 +74,8 @@ struct PrefillTraits {
   static constexpr int kFlagOffset = kSrcOffset + kStages * kKeys * 8;  // uint8 [stages][keys]
   static constexpr int kWOffset = align16(kFlagOffset + kStages * kKeys);  // float [warps][64]
   static constexpr int kMiscOffset = kWOffset + kWarps * kPrefillMaxSplits * 4;  // int [4]
-  static constexpr int kSmemBytes = kMiscOffset + 16;
+  static constexpr int kLimitOffset = kMiscOffset + 16;  // int [rows]: keys below are seen
+  static constexpr int kSmemBytes = kLimitOffset + kRows * 4;
   static constexpr int kSmemPerSm = 228 * 1024;
   // Resident CTAs per SM the launch bounds promise: 1 with 8 warps; at most 2 for fp32 (whose
   // warps need ~170-255 registers: 3 CTAs would force spills).
@@ -136,7 +138,9 @@ KVC_DEVICE void store_pair(T* destination, float a, float b) {
 
 //! Source of item-space key j of the current item: >= 0 pool element offset, <= -2 chunk element
 //! offset (-2 - offset) into k / v, -1 past the item's end (zero fill). `flag`: the DMC mask
-//! flag of a chunk key (1 for prefix slots or without a mask).
+//! flag of a chunk key (1 for prefix slots or without a mask); compacted (item.compact >= 0):
+//! 1 for the compacted keys, and for the tile's own keys after them the flag negated (a query
+//! sees its own key there only when it is not among the compacted ones).
 template <class T>
 KVC_DEVICE void prefill_key_source(PrefillKernelArgs<T> const& args, PrefillWorkItem const& item,
                                    int kv_head, std::int32_t const* pages, int j, long long& source,
@@ -161,10 +165,24 @@ KVC_DEVICE void prefill_key_source(PrefillKernelArgs<T> const& args, PrefillWork
     flag = 1;
     return;
   }
-  long long const token = static_cast<long long>(item.token0) + (j - item.prefix);
-  long long const index = token * args.num_kv_heads + kv_head;
+  int const chunk_key = j - item.prefix;
+  if (item.compact < 0) {
+    long long const index =
+        (static_cast<long long>(item.token0) + chunk_key) * args.num_kv_heads + kv_head;
+    source = -2 - index * args.params.cache.head_dim;
+    flag = args.mask == nullptr ? 1 : (args.mask[index] != 0 ? 1 : 0);
+    return;
+  }
+  bool const compacted = chunk_key < item.compact;
+  int const token = compacted
+                        ? args.ws.visible_index[(static_cast<long long>(item.token0) + chunk_key) *
+                                                    args.num_kv_heads +
+                                                kv_head]
+                        : item.tile_token + (chunk_key - item.compact);
+  long long const index =
+      (static_cast<long long>(item.token0) + token) * args.num_kv_heads + kv_head;
   source = -2 - index * args.params.cache.head_dim;
-  flag = args.mask == nullptr ? 1 : (args.mask[index] != 0 ? 1 : 0);
+  flag = compacted ? 1 : (args.mask[index] != 0 ? 0 : 1);
 }
 
 template <class Variant, class T, int kHeadDim, int kGroupSize>
@@ -193,6 +211,7 @@ KVC_GLOBAL void __launch_bounds__(PrefillTraits<T, kHeadDim, kGroupSize>::kThrea
   unsigned char* const s_flag = smem + Traits::kFlagOffset;              // [stages][keys]
   float* const s_w = reinterpret_cast<float*>(smem + Traits::kWOffset);  // [warps][64] weights
   int* const s_misc = reinterpret_cast<int*>(smem + Traits::kMiscOffset);
+  int* const s_limit = reinterpret_cast<int*>(smem + Traits::kLimitOffset);  // [kRows]
 
   // Everything below reads what the plan kernel wrote.
   grid_dependency_wait();
@@ -268,6 +287,18 @@ KVC_GLOBAL void __launch_bounds__(PrefillTraits<T, kHeadDim, kGroupSize>::kThrea
       }
     }
 
+    // Each row's key bound: without compaction its token (chunk keys before it are seen when
+    // flagged), with compaction V(token + 1) (compacted keys below are seen); read after the
+    // prologue's barrier.
+    for (int r = tid; r < kRows; r += kThreads) {
+      int const token = item.tile_token + r / kGroupSize;
+      s_limit[r] =
+          item.compact < 0 || token >= item.num_tokens
+              ? token
+              : args.ws
+                    .visible_through[(static_cast<long long>(item.token0) + token) * hkv + kv_head];
+    }
+
     // Prologue: tiles 0 .. kStages - 2, one commit group each (the first also holds Q).
 #pragma unroll 1
     for (int s = 0; s < kStages - 1; ++s) {
@@ -282,6 +313,13 @@ KVC_GLOBAL void __launch_bounds__(PrefillTraits<T, kHeadDim, kGroupSize>::kThrea
       if (s < tiles) issue(s);
       cp_async_commit();
     }
+    // Item-space chunk keys below `open_below` are seen by every row of the q tile; compacted
+    // keys start at 0 and the tile's own keys at `own_first` (both in chunk-key units), the
+    // token of own key c being c + own_shift.
+    bool const compact = item.compact >= 0;
+    int const open_below = compact ? s_limit[0] : item.tile_token + 1;
+    int const own_first = compact ? item.compact : INT_MAX;
+    int const own_shift = compact ? item.tile_token - item.compact : 0;
     long long next_source = -1;
     unsigned char next_flag = 0;
     if (kStages - 1 < tiles && tid < kKeys) {
@@ -317,11 +355,13 @@ KVC_GLOBAL void __launch_bounds__(PrefillTraits<T, kHeadDim, kGroupSize>::kThrea
       // first token (the causal diagonal). Without a mask, chunk keys up to the first token are
       // visible to every row (row r is token tile_token + r / G), so the tiles below the
       // diagonal run unmasked like the prefix.
+      // With compaction the mask is in the compacted order: keys below V(tile_token + 1) are
+      // seen by every row, the tile's own keys are always masked.
       int const chunk0 = key0 - item.prefix;  // chunk key of tile key 0 (< 0: a prefix key)
       int const last_chunk_key = chunk0 + kKeys - 1;
-      bool const masked =
-          key0 + kKeys > item.end ||
-          (last_chunk_key >= 0 && (args.mask != nullptr || last_chunk_key > item.tile_token));
+      bool const masked = key0 + kKeys > item.end ||
+                          (last_chunk_key >= 0 &&
+                           ((args.mask != nullptr && !compact) || last_chunk_key >= open_below));
       // The tile's flags as a bit mask (one ballot per 32 keys), so that the per-element test is
       // branch-free register arithmetic rather than a shared-memory byte load.
       unsigned long long flag_bits = 0;
@@ -334,12 +374,17 @@ KVC_GLOBAL void __launch_bounds__(PrefillTraits<T, kHeadDim, kGroupSize>::kThrea
               << 32;
         }
       }
+      // Without compaction: chunk key c is seen by query q iff c == q, or c < q and flagged.
+      // With it: compacted key c iff c < V(q + 1); own key c iff its token is q and its
+      // (negated) flag is set.
       auto visible = [&](int row_in_warp, int key) {
         int const chunk_key = chunk0 + key;
         int const query = item.tile_token + (row0 + row_in_warp) / kGroupSize;
+        int const limit = s_limit[row0 + row_in_warp];
         bool const flag = ((flag_bits >> key) & 1ull) != 0;
         return (key0 + key < item.end) &
-               ((chunk_key < 0) | (chunk_key == query) | ((chunk_key < query) & flag));
+               ((chunk_key < 0) | ((chunk_key < own_first) & (chunk_key < limit) & flag) |
+                ((chunk_key + own_shift == query) & (flag | !compact)));
       };
       if constexpr (Traits::kTensorCores) {
         std::uint32_t const k_address = smem_address(k_tile);

@@ -21,6 +21,15 @@
 //! the item, and split partials are merged in split order.
 //! Scores. When a score mode is on, the plan also lists the score units (kPrefillScoreSlots slots
 //! of one (row, KV head)) as an exclusive scan over the (row, KV head) pairs.
+//! DMC mask: compaction. With a chunk mask, query i sees chunk key j < i only when j is flagged
+//! visible, so most chunk keys of a compressing head are seen by one query only (their own).
+//! prefill_compact_kernel (one launch before the plan) lists each (row, KV head)'s visible chunk
+//! keys in order (visible_index) and, per chunk token i, V(i + 1) = the visible keys among tokens
+//! 0 .. i (visible_through). A q tile of tokens [t0, t1) then has the keys: the P cached slots,
+//! the V(t1) visible chunk keys in order (compacted: query i sees compacted key c iff
+//! c < V(i + 1)), then the tile's own t1 - t0 chunk keys (query i sees its own key there iff it
+//! is not flagged, as a flagged one is among the compacted keys): L = P + V(t1) + t1 - t0
+//! instead of P + t1, so the attention's work shrinks with the compression.
 #pragma once
 
 #include <cstddef>
@@ -28,6 +37,7 @@
 
 #include <cuda_runtime.h>
 
+#include "kvc/cache/detail/block_scan.cuh"
 #include "kvc/core/macros.hpp"
 
 namespace kvc::detail {
@@ -52,7 +62,7 @@ struct alignas(16) PrefillWorkItem {
   int split;       //!< index of this split within the q tile
   int num_splits;  //!< splits of the q tile (1: the item writes the output itself)
   int record;      //!< first partial record of the q tile (num_splits > 1)
-  int pad;
+  int compact;     //!< V(t1): compacted visible chunk keys of the q tile; -1: not compacted
 };
 
 //! Device pointers into the caller's workspace.
@@ -65,6 +75,8 @@ struct PrefillWorkspace {
   float* partial_out = nullptr;      //!< [partial_capacity, R, D] normalised
   float* partial_lse = nullptr;      //!< [partial_capacity, R] log2 units
   float* lse2 = nullptr;             //!< [total_tokens, Hq] final LSE, log2 units (scores only)
+  int* visible_index = nullptr;      //!< [total_tokens, Hkv] compacted chunk keys (mask only)
+  int* visible_through = nullptr;    //!< [total_tokens, Hkv] V(i + 1) per chunk token (mask only)
   int item_capacity = 0;
   int partial_capacity = 0;
 };
@@ -72,7 +84,8 @@ struct PrefillWorkspace {
 //! Byte layout of the workspace. Host and device.
 struct PrefillWorkspaceLayout {
   std::size_t counters = 0, pair_prefix = 0, score_offsets = 0, arrivals = 0, items = 0;
-  std::size_t partial_out = 0, partial_lse = 0, lse2 = 0, bytes = 0;
+  std::size_t partial_out = 0, partial_lse = 0, lse2 = 0, visible_index = 0, visible_through = 0;
+  std::size_t bytes = 0;
   int item_capacity = 0;
   int partial_capacity = 0;
 
@@ -80,11 +93,12 @@ struct PrefillWorkspaceLayout {
     return (offset + 255) / 256 * 256;
   }
 
-  //! `tile_rows` = R, `tokens_per_tile` = R / G; `scores`: room for the score pass.
+  //! `tile_rows` = R, `tokens_per_tile` = R / G; `scores`: room for the score pass; `compact`:
+  //! room for the compacted chunk keys of a DMC mask.
   static KVC_HOST_DEVICE PrefillWorkspaceLayout make(int batch, int total_tokens, int num_kv_heads,
                                                      int num_q_heads, int tile_rows,
                                                      int tokens_per_tile, int head_dim, int grid,
-                                                     bool scores) {
+                                                     bool scores, bool compact) {
     PrefillWorkspaceLayout layout;
     std::size_t const pairs = static_cast<std::size_t>(batch) * num_kv_heads;
     long long const q_tiles = static_cast<long long>(num_kv_heads) *
@@ -113,6 +127,12 @@ struct PrefillWorkspaceLayout {
     offset =
         align(offset +
               (scores ? static_cast<std::size_t>(total_tokens) * num_q_heads * sizeof(float) : 0));
+    std::size_t const token_heads =
+        compact ? static_cast<std::size_t>(total_tokens) * num_kv_heads * sizeof(int) : 0;
+    layout.visible_index = offset;
+    offset = align(offset + token_heads);
+    layout.visible_through = offset;
+    offset = align(offset + token_heads);
     layout.bytes = offset;
     return layout;
   }
@@ -128,6 +148,9 @@ struct PrefillWorkspaceLayout {
     ws.partial_out = reinterpret_cast<float*>(bytes_base + partial_out);
     ws.partial_lse = reinterpret_cast<float*>(bytes_base + partial_lse);
     ws.lse2 = reinterpret_cast<float*>(bytes_base + lse2);
+    bool const compact = visible_through > visible_index;
+    ws.visible_index = compact ? reinterpret_cast<int*>(bytes_base + visible_index) : nullptr;
+    ws.visible_through = compact ? reinterpret_cast<int*>(bytes_base + visible_through) : nullptr;
     ws.item_capacity = item_capacity;
     ws.partial_capacity = partial_capacity;
     return ws;
@@ -148,6 +171,7 @@ struct PrefillPlanArgs {
   int tokens_per_tile;  // R / G
   int grid;             // persistent CTAs of the attention kernel
   int score_stride;     // > 0: list score units over min(P + n, stride) slots; 0: no scores
+  std::uint8_t const* mask;  // [total_tokens, Hkv] chunk_key_visible, compacted when ws has room
   PrefillWorkspace ws;
 };
 
@@ -168,6 +192,19 @@ KVC_HOST_DEVICE void prefill_splits(int length, int bound, int& count, int& size
   int const raw = (length + n0 - 1) / n0;
   size = (raw + kPrefillKeyQuantum - 1) / kPrefillKeyQuantum * kPrefillKeyQuantum;
   count = (length + size - 1) / size;
+}
+
+//! Keys (item space) of the q tile of chunk tokens [t0, t1) of KV head h of a row whose chunk
+//! starts at packed token `first`, with P = prefix cached slots: P + t1, or with compaction
+//! P + V(t1) + t1 - t0 (`compact` = V(t1); -1 without compaction).
+KVC_DEVICE int prefill_tile_keys(PrefillPlanArgs const& a, int h, int first, int t0, int t1,
+                                 int prefix, int& compact) {
+  if (a.ws.visible_through == nullptr) {
+    compact = -1;
+    return prefix + t1;
+  }
+  compact = a.ws.visible_through[static_cast<long long>(first + t1 - 1) * a.num_kv_heads + h];
+  return prefix + compact + (t1 - t0);
 }
 
 //! Cost bucket of an item of `keys` keys: floor(log2(key tiles of 64)).
@@ -226,7 +263,9 @@ KVC_GLOBAL void __launch_bounds__(kPrefillPlanThreads)
     prefill_row_tokens(a, b, first, n);
     for (int t0 = sub * tpt; t0 < n; t0 += tile_step) {
       int const t1 = t0 + tpt < n ? t0 + tpt : n;
-      work += static_cast<unsigned long long>(prefix + t1);
+      int compact;
+      work +=
+          static_cast<unsigned long long>(prefill_tile_keys(a, h, first, t0, t1, prefix, compact));
     }
   }
   if (work > 0) atomicAdd(&s_work, work);
@@ -246,16 +285,19 @@ KVC_GLOBAL void __launch_bounds__(kPrefillPlanThreads)
   // Pass 2: items per cost bucket.
   for (int pair = first_pair; pair < pairs; pair += pair_stride) {
     int const b = pair / a.num_kv_heads;
+    int const h = pair - b * a.num_kv_heads;
     int const prefix = ws.pair_prefix[pair];
     int first, n;
     prefill_row_tokens(a, b, first, n);
     for (int t0 = sub * tpt; t0 < n; t0 += tile_step) {
       int const t1 = t0 + tpt < n ? t0 + tpt : n;
+      int compact;
+      int const keys = prefill_tile_keys(a, h, first, t0, t1, prefix, compact);
       int count, size;
-      prefill_splits(prefix + t1, bound, count, size);
+      prefill_splits(keys, bound, count, size);
       for (int s = 0; s < count; ++s) {
         int const begin = s * size;
-        int const end = begin + size < prefix + t1 ? begin + size : prefix + t1;
+        int const end = begin + size < keys ? begin + size : keys;
         atomicAdd(&s_count[prefill_bucket(end - begin)], 1);
       }
     }
@@ -282,8 +324,10 @@ KVC_GLOBAL void __launch_bounds__(kPrefillPlanThreads)
     prefill_row_tokens(a, b, first, n);
     for (int t0 = sub * tpt; t0 < n; t0 += tile_step) {
       int const t1 = t0 + tpt < n ? t0 + tpt : n;
+      int compact;
+      int const keys = prefill_tile_keys(a, h, first, t0, t1, prefix, compact);
       int count, size;
-      prefill_splits(prefix + t1, bound, count, size);
+      prefill_splits(keys, bound, count, size);
       int record = 0;
       if (count > 1) {
         record = atomicAdd(&s_records, count);
@@ -298,11 +342,11 @@ KVC_GLOBAL void __launch_bounds__(kPrefillPlanThreads)
         item.tile_token = t0;
         item.prefix = prefix;
         item.begin = s * size;
-        item.end = item.begin + size < prefix + t1 ? item.begin + size : prefix + t1;
+        item.end = item.begin + size < keys ? item.begin + size : keys;
         item.split = s;
         item.num_splits = count;
         item.record = record;
-        item.pad = 0;
+        item.compact = compact;
         int const position = atomicAdd(&s_cursor[prefill_bucket(item.end - item.begin)], 1);
         ws.items[position] = item;
       }
@@ -349,6 +393,35 @@ KVC_GLOBAL void __launch_bounds__(kPrefillPlanThreads)
     __syncthreads();
   }
   if (tid == 0) ws.score_offsets[pairs] = s_carry;
+}
+
+//! Threads per block of prefill_compact_kernel.
+inline constexpr int kPrefillCompactThreads = 256;
+
+//! Grid (batch, num_kv_heads), block kPrefillCompactThreads; launched before the plan when the
+//! workspace has room for compaction (a.ws.visible_through). For (row b, KV head h) with chunk
+//! tokens [first, first + n): visible_index[(first + c) * Hkv + h] = the chunk token of the c-th
+//! flagged key (c < V(n)), visible_through[(first + i) * Hkv + h] = V(i + 1), the flagged keys
+//! among chunk tokens 0 .. i. A block-wide prefix sum per 256 tokens.
+KVC_GLOBAL void __launch_bounds__(kPrefillCompactThreads)
+    prefill_compact_kernel(PrefillPlanArgs const a) {
+  __shared__ BlockScratch scratch;
+  int const b = static_cast<int>(blockIdx.x);
+  int const h = static_cast<int>(blockIdx.y);
+  int const hkv = a.num_kv_heads;
+  int first, n;
+  prefill_row_tokens(a, b, first, n);
+  long long running = 0;
+  for (int base = 0; base < n; base += kPrefillCompactThreads) {
+    int const i = base + static_cast<int>(threadIdx.x);
+    long long const at = static_cast<long long>(first + i) * hkv + h;
+    int const flag = i < n && a.mask[at] != 0 ? 1 : 0;
+    long long total = 0;
+    long long const rank = running + block_exclusive_sum(flag, total, scratch);
+    if (i < n) a.ws.visible_through[at] = static_cast<int>(rank + flag);
+    if (flag != 0) a.ws.visible_index[(first + rank) * hkv + h] = i;
+    running += total;
+  }
 }
 
 }  // namespace kvc::detail

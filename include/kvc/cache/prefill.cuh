@@ -190,6 +190,7 @@ Status prefill_layout(PagedStoreConfig const& config, PrefillBatch const& chunks
     PrefillBuffers shape_only;
     shape_only.stride = layout.stride;
     shape_only.probs = reinterpret_cast<float*>(kStoreAlignment);  // non-null: scores are on
+    if (dmc) shape_only.visible = reinterpret_cast<std::uint8_t*>(kStoreAlignment);  // a mask
     PrefillParams params = prefill_attention_params<T>(config, shape_only_view<T>(config), chunks,
                                                        shape_only, nullptr, nullptr, nullptr);
     if (!scores) params.scores = PrefillScoreHook{};
