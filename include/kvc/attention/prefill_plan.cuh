@@ -217,7 +217,7 @@ KVC_DEVICE int prefill_bucket(int keys) {
 //! One block of kPrefillPlanThreads threads.
 KVC_GLOBAL void __launch_bounds__(kPrefillPlanThreads)
     prefill_plan_kernel(PrefillPlanArgs const a) {
-  __shared__ unsigned long long s_work;
+  __shared__ BlockScratch scratch;
   __shared__ int s_bound;
   __shared__ int s_count[kPrefillBuckets];
   __shared__ int s_cursor[kPrefillBuckets];
@@ -238,7 +238,6 @@ KVC_GLOBAL void __launch_bounds__(kPrefillPlanThreads)
   int const tile_step = lanes * tpt;
   PrefillWorkspace const& ws = a.ws;
   if (tid == 0) {
-    s_work = 0;
     s_records = 0;
     s_carry = 0;
   }
@@ -268,11 +267,13 @@ KVC_GLOBAL void __launch_bounds__(kPrefillPlanThreads)
           static_cast<unsigned long long>(prefill_tile_keys(a, h, first, t0, t1, prefix, compact));
     }
   }
-  if (work > 0) atomicAdd(&s_work, work);
-  __syncthreads();
+  // A block reduction: one shared 64-bit atomicAdd per thread is a compare-and-swap loop, and
+  // 1024 of them on one word cost ~50 us (ncu source profile, 2026-12-04).
+  unsigned long long const total_work =
+      static_cast<unsigned long long>(block_sum(static_cast<long long>(work), scratch));
   if (tid == 0) {
     unsigned long long const share =
-        (s_work + kPrefillTargetWaves * static_cast<unsigned long long>(a.grid) - 1) /
+        (total_work + kPrefillTargetWaves * static_cast<unsigned long long>(a.grid) - 1) /
         (kPrefillTargetWaves * static_cast<unsigned long long>(a.grid));
     unsigned long long bound =
         (share + kPrefillKeyQuantum - 1) / kPrefillKeyQuantum * kPrefillKeyQuantum;
@@ -398,11 +399,15 @@ KVC_GLOBAL void __launch_bounds__(kPrefillPlanThreads)
 //! Threads per block of prefill_compact_kernel.
 inline constexpr int kPrefillCompactThreads = 256;
 
+//! Tokens per thread of prefill_compact_kernel (a block covers 16 x 256 = 4096 per step).
+inline constexpr int kPrefillCompactRun = 16;
+
 //! Grid (batch, num_kv_heads), block kPrefillCompactThreads; launched before the plan when the
 //! workspace has room for compaction (a.ws.visible_through). For (row b, KV head h) with chunk
 //! tokens [first, first + n): visible_index[(first + c) * Hkv + h] = the chunk token of the c-th
 //! flagged key (c < V(n)), visible_through[(first + i) * Hkv + h] = V(i + 1), the flagged keys
-//! among chunk tokens 0 .. i. A block-wide prefix sum per 256 tokens.
+//! among chunk tokens 0 .. i. Each thread counts a run of kPrefillCompactRun consecutive tokens,
+//! one block-wide prefix sum per 4096 tokens ranks the runs, and each thread then writes its run.
 KVC_GLOBAL void __launch_bounds__(kPrefillCompactThreads)
     prefill_compact_kernel(PrefillPlanArgs const a) {
   __shared__ BlockScratch scratch;
@@ -412,14 +417,27 @@ KVC_GLOBAL void __launch_bounds__(kPrefillCompactThreads)
   int first, n;
   prefill_row_tokens(a, b, first, n);
   long long running = 0;
-  for (int base = 0; base < n; base += kPrefillCompactThreads) {
-    int const i = base + static_cast<int>(threadIdx.x);
-    long long const at = static_cast<long long>(first + i) * hkv + h;
-    int const flag = i < n && a.mask[at] != 0 ? 1 : 0;
+  for (int base = 0; base < n; base += kPrefillCompactThreads * kPrefillCompactRun) {
+    int const i0 = base + static_cast<int>(threadIdx.x) * kPrefillCompactRun;
+    unsigned flags = 0;  // bit r: token i0 + r is flagged
+#pragma unroll
+    for (int r = 0; r < kPrefillCompactRun; ++r) {
+      int const i = i0 + r;
+      if (i < n && a.mask[static_cast<long long>(first + i) * hkv + h] != 0) flags |= 1u << r;
+    }
     long long total = 0;
-    long long const rank = running + block_exclusive_sum(flag, total, scratch);
-    if (i < n) a.ws.visible_through[at] = static_cast<int>(rank + flag);
-    if (flag != 0) a.ws.visible_index[(first + rank) * hkv + h] = i;
+    long long rank = running + block_exclusive_sum(__popc(flags), total, scratch);
+#pragma unroll
+    for (int r = 0; r < kPrefillCompactRun; ++r) {
+      int const i = i0 + r;
+      if (i >= n) break;
+      long long const at = static_cast<long long>(first + i) * hkv + h;
+      if ((flags >> r) & 1u) {
+        a.ws.visible_index[(first + rank) * hkv + h] = i;
+        ++rank;
+      }
+      a.ws.visible_through[at] = static_cast<int>(rank);
+    }
     running += total;
   }
 }
