@@ -37,7 +37,7 @@
 
 #include <cuda_runtime.h>
 
-#include "kvc/cache/detail/block_scan.cuh"
+#include "kvc/core/block_reduce.cuh"
 #include "kvc/core/macros.hpp"
 
 namespace kvc::detail {
