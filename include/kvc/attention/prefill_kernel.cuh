@@ -87,6 +87,7 @@ struct PrefillTraits {
                 "group size 1, 2, 4 or 8");
   static_assert(kChunks >= 8 && kChunks % 8 == 0, "the swizzle needs rows of 8k 16-byte chunks");
   static_assert(kPrefillKeyQuantum % kKeys == 0, "splits must hold whole tiles");
+  static_assert(kKeys == 32 || kKeys == 64, "a tile's mask flags are one or two warp ballots");
   static_assert((kKeys * kChunks) % kThreads == 0 && (kRows * kChunks) % kThreads == 0,
                 "copies per thread");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory above the sm_90 limit");
@@ -367,7 +368,7 @@ KVC_GLOBAL void __launch_bounds__(PrefillTraits<T, kHeadDim, kGroupSize>::kThrea
       unsigned long long flag_bits = 0;
       if (masked) {
         unsigned char const* const flags = s_flag + stage * kKeys;
-        flag_bits = __ballot_sync(0xffffffffu, lane < kKeys && flags[lane] != 0);
+        flag_bits = __ballot_sync(0xffffffffu, flags[lane] != 0);
         if constexpr (kKeys > 32) {
           flag_bits |=
               static_cast<unsigned long long>(__ballot_sync(0xffffffffu, flags[lane + 32] != 0))

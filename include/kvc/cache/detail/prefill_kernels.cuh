@@ -593,8 +593,7 @@ KVC_GLOBAL void __launch_bounds__(kPrefillThreads)
   int const span_hi = min(rw.tokens, t1 + 1);
   // 16-byte vectors when k, v and the head dim allow them (k_att/v_att are workspace-aligned).
   constexpr int kVec = RopeVector<T>::kSize;
-  bool const vectors = reinterpret_cast<std::uintptr_t>(p.k) % 16 == 0 &&
-                       reinterpret_cast<std::uintptr_t>(p.v) % 16 == 0 && d % (2 * kVec) == 0;
+  bool const vectors = rope_rows_vectorised(p.k, p.v, d, d);  // rows of whole 16-byte pair halves
   for (int h = h0 + warp; h < h1; h += kPrefillThreads / 32) {
     std::int64_t const head = dims.head_index(p.layer, rw.seq, h);
     // Decisions and omegas of the span (the tile, the window before it, the token after it).
