@@ -335,6 +335,9 @@ struct RunCase {
   double step_probability = 0.9;      //!< a sequence takes part in a step
   double merge_probability = 0.85;    //!< DMC: chance that a token merges
   bool allow_exhaustion = false;      //!< steps may fail for lack of pages (then release, retry)
+  //! > 0: the first sequence to join is not released before it has taken part in this many
+  //! steps (coverage of long heads that must not depend on luck; 0: no such guarantee)
+  int keep_first_steps = 0;
 };
 
 //! What a run saw (for assertions on coverage).
@@ -418,6 +421,8 @@ RunSummary run_store_case(RunCase const& c, std::mt19937_64& rng) {
   struct Sequence {
     int slot = 0;
     std::vector<typename Model::State> layers;
+    bool first = false;   //!< the run's first sequence
+    int steps_taken = 0;  //!< steps it took part in
   };
   std::vector<Sequence> live;
   RunSummary summary;
@@ -427,6 +432,7 @@ RunSummary run_store_case(RunCase const& c, std::mt19937_64& rng) {
     Sequence sequence;
     KVC_STATUS_REQUIRE(store.add_sequence(sequence.slot, stream.get()));
     for (int l = 0; l < layers; ++l) sequence.layers.push_back(Model::make(spec, config.policy));
+    sequence.first = summary.joins == 0;
     live.push_back(std::move(sequence));
     ++summary.joins;
   };
@@ -440,15 +446,19 @@ RunSummary run_store_case(RunCase const& c, std::mt19937_64& rng) {
   for (int step = 0; step < steps; ++step) {
     INFO("step " << step);
     // Sequences leave and join between steps.
+    auto kept = [&](std::size_t i) {
+      return live[i].first && live[i].steps_taken < c.keep_first_steps;
+    };
     for (std::size_t i = live.size(); i-- > 0;) {
-      if (unit(rng) < c.release_probability) release(i);
+      if (unit(rng) < c.release_probability && !kept(i)) release(i);
     }
     // Coverage that must not depend on luck: by half-time some sequence has left (and so a
     // later one joins). A case with a small release probability could otherwise see none
     // (about 1 % of the 120-step full-cache cases did).
     if (c.release_probability > 0.0 && step == steps / 2 && summary.releases == 0 &&
         live.size() > 1) {
-      release(static_cast<std::size_t>(rng() % live.size()));
+      std::size_t const pick = static_cast<std::size_t>(rng() % live.size());
+      release(kept(pick) ? (pick + 1) % live.size() : pick);
     }
     while (static_cast<int>(live.size()) < c.target_active &&
            (live.empty() || unit(rng) < c.join_probability)) {
@@ -461,6 +471,7 @@ RunSummary run_store_case(RunCase const& c, std::mt19937_64& rng) {
     }
     if (rows.empty()) rows.push_back(static_cast<std::size_t>(rng() % live.size()));
     std::shuffle(rows.begin(), rows.end(), rng);
+    for (std::size_t r : rows) ++live[r].steps_taken;
 
     // Inputs per (layer, row), pre-RoPE, representable in the dtype.
     std::size_t const batch_max = rows.size();

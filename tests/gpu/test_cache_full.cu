@@ -33,6 +33,9 @@ test::RunCase full_case(char const* name, int group, int page_size, int head_dim
   c.rope.layout = rope;
   c.policy.kind = PolicyKind::kFull;
   c.release_probability = 0.01;  // sequences live 100 steps on average
+  // The run's first sequence grows past 64 slots (pages of 64 crossed) whatever the seed: with
+  // seed 9273090856966595846 every sequence of one case left before that (2026-12-04).
+  c.keep_first_steps = 65;
   return c;
 }
 
