@@ -12,7 +12,9 @@
 //   d) mixA/mixB with GQA 32x8 and 32x4
 //   e) full and mixA, MHA, B = 1, 8, 32 at L = 1024 and 4096 (eager and CUDA-graph launches)
 //   f) scores_32x32_B64_L4096 / scores_32x8_...: every head at a budget of L / 4 slots with the
-//      per-slot probability output (H2O/TOVA), timed against the same call without it.
+//      per-slot score output (H2O/TOVA) in the form the engine uses (ScoreForm::kLog2Logits:
+//      logits and LSE, one write per slot), timed against the same call without it; the
+//      probability form (logits rewritten once the LSE is known) is timed too.
 // A shape whose (bf16, D = 128, G) kernel is not compiled (KVC_CI_MINIMAL builds only G = 4)
 // reports SkipWithError.
 //
@@ -23,7 +25,8 @@
 // iteration count, no min-time search), each repetition after one untimed warm-up timing; the
 // median of the repetitions is reported. Counters: bytes (K+V kept + q + out), GBps,
 // bw_fraction (of the streaming-read probe measured in this process at start-up), us per call,
-// compression (tokens / slots kept), and for (f) scores_overhead = t(scores) / t(plain) - 1.
+// compression (tokens / slots kept), and for (f) scores_overhead = t(scores) / t(plain) - 1
+// (log2-logit form; us is t(scores)) and scores_probabilities_overhead (probability form).
 //
 // Set-up is kept off the critical path: the K and V pools are allocated once, at the largest
 // size any runnable shape needs, and filled on the device (support/device_fill.cuh); every shape
@@ -203,6 +206,7 @@ struct ShapeState {
   DeviceArray<T> out;                 // [batch, q_heads, kHeadDim]
   DeviceArray<float> lse;             // [batch, q_heads]
   DeviceArray<float> probs;           // [batch, q_heads, probs_stride] (scores shapes only)
+  DeviceArray<float> score_lse;       // [batch, q_heads] log2 LSE of the log2-logit form
   DeviceArray<unsigned char> workspace;
   int probs_stride = 0;
   std::vector<kvc::DecodeParams> calls;  // one per copy
@@ -218,13 +222,16 @@ struct ShapeState {
     if (stream != nullptr) cudaStreamDestroy(stream);
   }
 
-  //! Enqueues kCallsPerTiming calls rotating over the copies (with the score output or not).
-  kvc::Status enqueue(bool scores) const {
+  //! Enqueues kCallsPerTiming calls rotating over the copies, with the score output in `form`
+  //! or (`scores` false) without it.
+  kvc::Status enqueue(bool scores, kvc::ScoreForm form = kvc::ScoreForm::kLog2Logits) const {
     for (int i = 0; i < kCallsPerTiming; ++i) {
       kvc::DecodeParams p = calls[i % layout.copies];
       if (scores) {
         p.scores.probs = probs.data;
         p.scores.stride = probs_stride;
+        p.scores.form = form;
+        p.scores.lse = score_lse.data;
       }
       kvc::Status const status = kvc::decode_attention(p, stream);
       if (status != kvc::Status::kSuccess) return status;
@@ -265,6 +272,7 @@ std::string build_state(Shape const& shape, ShapeState& s) {
   if (shape.mix == Mix::kBudget) {
     SETUP_CUDA(
         s.probs.allocate(static_cast<std::size_t>(shape.batch) * shape.q_heads * s.probs_stride));
+    SETUP_CUDA(s.score_lse.allocate(static_cast<std::size_t>(shape.batch) * shape.q_heads));
   }
 
   s.calls.assign(layout.copies, kvc::DecodeParams{});
@@ -355,11 +363,11 @@ void bench_decode(benchmark::State& state, Shape shape) {
   double const bytes = layout.kept * kHeadDim * 2.0 * sizeof(T) +
                        2.0 * shape.batch * shape.q_heads * kHeadDim * sizeof(T);
   kvc::bench::EventTimer timer;
-  auto timed = [&](bool scores) -> double {
+  auto timed = [&](bool scores, kvc::ScoreForm form = kvc::ScoreForm::kLog2Logits) -> double {
     timer.start(s.stream);
     if (shape.graph) {
       if (cudaGraphLaunch(s.graph_exec, s.stream) != cudaSuccess) return -1.0;
-    } else if (s.enqueue(scores) != kvc::Status::kSuccess) {
+    } else if (s.enqueue(scores, form) != kvc::Status::kSuccess) {
       return -1.0;
     }
     return timer.stop_seconds(s.stream) / kCallsPerTiming;
@@ -367,24 +375,30 @@ void bench_decode(benchmark::State& state, Shape shape) {
 
   bool const with_scores = shape.mix == Mix::kBudget;
   // Warm-up timing of every repetition (page-table and instruction caches).
-  if (timed(false) < 0.0 || (with_scores && timed(true) < 0.0)) {
+  constexpr kvc::ScoreForm kProbabilities = kvc::ScoreForm::kProbabilities;
+  if (timed(false) < 0.0 ||
+      (with_scores && (timed(true) < 0.0 || timed(true, kProbabilities) < 0.0))) {
     state.SkipWithError("decode_attention failed");
     return;
   }
   BENCH_CUDA(cudaStreamSynchronize(s.stream), state);
   double plain_total = 0.0;
   double scores_total = 0.0;
+  double probabilities_total = 0.0;
   double total = 0.0;
   bool failed = false;
   for (auto _ : state) {
     double const plain = timed(false);
     double seconds = plain;
+    double probabilities = 0.0;
     if (with_scores) {
       seconds = timed(true);
+      probabilities = timed(true, kProbabilities);
       plain_total += plain;
       scores_total += seconds;
+      probabilities_total += probabilities;
     }
-    if (plain < 0.0 || seconds < 0.0) {
+    if (plain < 0.0 || seconds < 0.0 || probabilities < 0.0) {
       failed = true;
       break;
     }
@@ -411,6 +425,8 @@ void bench_decode(benchmark::State& state, Shape shape) {
     state.counters["scores_overhead"] = scores_total / plain_total - 1.0;
     state.counters["plain_us"] = plain_total / iterations * 1e6;
     state.counters["scores_us"] = scores_total / iterations * 1e6;
+    state.counters["scores_probabilities_overhead"] = probabilities_total / plain_total - 1.0;
+    state.counters["scores_probabilities_us"] = probabilities_total / iterations * 1e6;
   }
 }
 

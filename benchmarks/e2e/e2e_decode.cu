@@ -377,7 +377,8 @@ std::int64_t run_bytes(ModelSpec const& spec, PolicyRun const& run, int batch,
   check_kvc(
       kvc::PagedStore::required_bytes(store_config(spec, run, batch, max_tokens, page_size), store),
       "store size");
-  std::int64_t const scores = evicts(run) ? 4LL * batch * spec.q_heads * (run.budget + 1) : 0;
+  // Scores [batch, q heads, budget + 1] and their log2 LSE [batch, q heads].
+  std::int64_t const scores = evicts(run) ? 4LL * batch * spec.q_heads * (run.budget + 2) : 0;
   std::int64_t const fill_pool =
       2 * 2LL * batch * (spec.q_heads + 2LL * spec.kv_heads) * spec.head_dim;
   return static_cast<std::int64_t>(store) + Activations::bytes(spec, batch) +
@@ -442,6 +443,8 @@ class Runner {
     }
     int const stride = evicts(run) ? run.budget + 1 : 0;
     DeviceBuffer scores(evicts(run) ? sizeof(float) * batch * spec_.q_heads * stride : 0);
+    // The score form an engine uses (as KVCache does): log2 logits and their LSE.
+    DeviceBuffer score_lse(evicts(run) ? sizeof(float) * batch * spec_.q_heads : 0);
     DeviceBuffer workspace(static_cast<std::size_t>(decode_workspace_bytes(spec_, batch)));
 
     std::vector<kvc::DecodeParams> attention(static_cast<std::size_t>(spec_.layers));
@@ -452,7 +455,10 @@ class Runner {
                                                                spec_.q_heads, act.attn, act.lse);
       params.workspace = workspace.as<void>();
       params.workspace_bytes = workspace.bytes();
-      if (evicts(run)) params.scores = kvc::ScoreHook{scores.as<float>(), stride};
+      if (evicts(run)) {
+        params.scores = kvc::ScoreHook{scores.as<float>(), stride, kvc::ScoreForm::kLog2Logits,
+                                       score_lse.as<float>()};
+      }
       attention[static_cast<std::size_t>(l)] = params;
     }
 

@@ -416,6 +416,7 @@ RunSummary run_store_case(RunCase const& c, std::mt19937_64& rng) {
     lse[l].resize(max_rows * hq);
   }
   DeviceBuffer<float> probs(max_rows * hq * probs_stride);
+  DeviceBuffer<float> score_lse(max_rows * hq);  // the log2-logit form's LSE
   DeviceBuffer<std::int32_t> slots_dev(max_rows);
 
   struct Sequence {
@@ -525,13 +526,17 @@ RunSummary run_store_case(RunCase const& c, std::mt19937_64& rng) {
         attention.num_q_heads = hq;
         attention.out = out[l].data();
         attention.lse = lse[l].data();
+        // The score forms take turns by step: the evict kernel reads both (score_hook.hpp).
+        ScoreHook const hook{probs.data(), probs_stride,
+                             step % 2 != 0 ? ScoreForm::kLog2Logits : ScoreForm::kProbabilities,
+                             score_lse.data()};
         if (scores) {
           probs.poison(stream.get());
-          attention.scores = ScoreHook{probs.data(), probs_stride};
+          score_lse.poison(stream.get());
+          attention.scores = hook;
         }
         KVC_STATUS_REQUIRE(reference_decode_attention(attention, stream.get()));
-        KVC_STATUS_REQUIRE(store.evict(l, ScoreHook{probs.data(), probs_stride}, slots_dev.data(),
-                                       batch, stream.get()));
+        KVC_STATUS_REQUIRE(store.evict(l, hook, slots_dev.data(), batch, stream.get()));
       }
       StepReport report;
       std::vector<std::int32_t> row_flags(rows.size(), -7);

@@ -168,6 +168,10 @@ TEST_SUITE("gpu") {
           Status::kErrorInvalidArgument);
     CHECK(f.store.evict(-1, ScoreHook{probs.data(), 9}, seq_slots.data(), 2, s) ==
           Status::kErrorInvalidArgument);
+    CHECK(f.store.evict(0, ScoreHook{probs.data(), 9, ScoreForm::kLog2Logits, nullptr},
+                        seq_slots.data(), 2, s) == Status::kErrorInvalidArgument);  // no lse
+    CHECK(f.store.evict(0, ScoreHook{probs.data(), 9, static_cast<ScoreForm>(7), probs.data()},
+                        seq_slots.data(), 2, s) == Status::kErrorInvalidArgument);
     PagedLayerView<half> wrong_view;
     CHECK(f.store.layer_view<half>(0, wrong_view) == Status::kErrorInvalidArgument);
     PagedLayerView<float> view;

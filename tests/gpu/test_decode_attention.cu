@@ -51,6 +51,7 @@ struct DecodeCase {
   std::vector<int> seq_slots;  // [batch]; -1 or >= max_seqs: inactive row
   std::vector<int> lengths;    // [max_seqs * num_kv_heads]
   bool probs = true;
+  kvc::ScoreForm score_form = kvc::ScoreForm::kProbabilities;  // of the score output
   float q_stddev = 1.5f;  // logits of std ~ q_stddev (keys are N(0, 1))
   float soft_cap = 0.0f;  // > 0: the reference applies cap * tanh(logit / cap)
   kvc::DecodeParams::SplitPolicy split{};  // the plan's split policy (zeros: the default)
@@ -62,7 +63,8 @@ struct DecodeCase {
            " page=" + std::to_string(page_size) + " B=" + std::to_string(batch) +
            (split.waves > 0 ? " waves=" + std::to_string(split.waves) : "") +
            (split.min_chunk > 0 ? " min_chunk=" + std::to_string(split.min_chunk) : "") +
-           (split.schedule > 0 ? " schedule=" + std::to_string(split.schedule) : "");
+           (split.schedule > 0 ? " schedule=" + std::to_string(split.schedule) : "") +
+           (probs && score_form == kvc::ScoreForm::kLog2Logits ? " log2-logit scores" : "");
   }
 };
 
@@ -77,6 +79,7 @@ struct PagedLayer {
   std::vector<int> capacity;          // [max_seqs * num_kv_heads] slots the head's pages hold
   std::vector<float> q;               // [batch, num_q_heads, head_dim]
   DeviceBytes d_k, d_v, d_table, d_lengths, d_slots, d_q, d_out, d_lse, d_probs, d_workspace;
+  DeviceBytes d_score_lse;  // ScoreForm::kLog2Logits: [batch, num_q_heads]
   int probs_stride = 0;
 
   PagedLayer(DecodeCase const& test_case, std::mt19937_64& rng, int extra_pages_per_head = 0)
@@ -122,6 +125,7 @@ struct PagedLayer {
     d_out.allocate(std::max<std::size_t>(16, rows * d * kvc::dtype_size(c.dtype)));
     d_lse.allocate(std::max<std::size_t>(16, rows * sizeof(float)));
     d_probs.allocate(std::max<std::size_t>(16, rows * probs_stride * sizeof(float)));
+    d_score_lse.allocate(std::max<std::size_t>(16, rows * sizeof(float)));
   }
 
   void upload_lengths(std::vector<int> const& lengths) {
@@ -150,6 +154,8 @@ struct PagedLayer {
     if (c.probs) {
       p.scores.probs = d_probs.get<float>();
       p.scores.stride = probs_stride;
+      p.scores.form = c.score_form;
+      p.scores.lse = d_score_lse.get<float>();
     }
     p.logits_soft_cap = c.soft_cap;
     p.split = c.split;
@@ -289,12 +295,31 @@ void check_against(PagedLayer const& layer, Expected const& expected, std::strin
   if (!c.probs) return;
   std::vector<float> probs(rows * layer.probs_stride);
   layer.d_probs.download(probs.data(), probs.size() * sizeof(float));
+  bool const log2_form = c.score_form == kvc::ScoreForm::kLog2Logits;
+  std::vector<float> score_lse(rows);
+  if (log2_form) {
+    // The LSE beside the logits, in log2 units: the natural LSE's tolerance, scaled.
+    layer.d_score_lse.download(score_lse.data(), rows * sizeof(float));
+    constexpr double kLog2e = 1.4426950408889634;
+    int mismatches = 0;
+    for (std::size_t i = 0; i < rows; ++i) {
+      double const want = expected.lse[i] * kLog2e;
+      bool const ok = std::isinf(expected.lse[i]) ? std::isinf(score_lse[i]) && score_lse[i] < 0.0f
+                                                  : std::abs(score_lse[i] - want) <=
+                                                        (5e-4 + 1e-4 * std::abs(want)) * kLog2e;
+      if (!ok && mismatches++ < 5)
+        FAIL_CHECK(what << " score lse[" << i << "]: got " << score_lse[i] << ", expected "
+                        << want);
+    }
+    REQUIRE_MESSAGE(mismatches == 0, what << ": " << mismatches << " score LSE values differ");
+  }
   std::vector<float> got, want;
   for (std::size_t r = 0; r < rows; ++r) {
     std::vector<float> const& row = expected.probs[r];
     int const n = std::min<int>(static_cast<int>(row.size()), layer.probs_stride);
     for (int s = 0; s < n; ++s) {
-      got.push_back(probs[r * layer.probs_stride + s]);
+      float const stored = probs[r * layer.probs_stride + s];
+      got.push_back(log2_form ? kvc::ScoreHook::probability_of_log2(stored, score_lse[r]) : stored);
       want.push_back(row[s]);
     }
   }
@@ -303,6 +328,7 @@ void check_against(PagedLayer const& layer, Expected const& expected, std::strin
 
 //! Sizes the workspace, poisons every output and the workspace, runs the precompiled entry point.
 void run_precompiled(PagedLayer& layer, cudaStream_t stream) {
+  layer.d_score_lse.poison();
   kvc::test::run_poisoned(layer, kvc::decode_attention_workspace_size, kvc::decode_attention,
                           stream);
 }
@@ -392,6 +418,9 @@ TEST_SUITE("gpu") {
             // (the chunk bound is the minimum chunk here), so the last-CTA merge runs; shorter
             // ones finish in one chunk.
             c.lengths = ragged_lengths(rng, c.max_seqs * c.num_kv_heads, 300);
+            // Both score forms over the instances and page sizes.
+            c.score_form = (instance + page_size) % 2 != 0 ? kvc::ScoreForm::kLog2Logits
+                                                           : kvc::ScoreForm::kProbabilities;
             run_and_check(c, rng, guard.stream);
             // The same lengths split as finely as the plan allows (64-slot chunks, 4 per CTA):
             // heads above 64 slots then go through the last-CTA merge.
@@ -461,6 +490,7 @@ TEST_SUITE("gpu") {
         // Enough slots that the chunk bound rises above the minimum (items of several sizes).
         c.lengths = dmc_lengths(rng, c.max_seqs * c.num_kv_heads, full ? 4096 : 1024, *mix);
         c.probs = group == 4;
+        c.score_form = mix == &mix_b ? kvc::ScoreForm::kLog2Logits : kvc::ScoreForm::kProbabilities;
         run_and_check(c, rng, guard.stream);
         c.split = {4, 64};  // many chunks per head: merges of up to 64 partials
         run_and_check(c, rng, guard.stream);
@@ -526,6 +556,9 @@ TEST_SUITE("gpu") {
           length = std::uniform_int_distribution<int>(1, max_length)(rng);
         c.probs = max_length > 1;
         run_and_check(c, rng, guard.stream, " lengths 1.." + std::to_string(max_length));
+        c.score_form = kvc::ScoreForm::kLog2Logits;
+        run_and_check(c, rng, guard.stream, " lengths 1.." + std::to_string(max_length));
+        c.score_form = kvc::ScoreForm::kProbabilities;
         c.split = {0, 0, 3};  // balanced: many whole heads per share
         run_and_check(c, rng, guard.stream, " balanced, lengths 1.." + std::to_string(max_length));
       }
@@ -732,6 +765,15 @@ TEST_SUITE("gpu") {
     params.scores.probs = layer.d_probs.get<float>();
     params.scores.stride = 0;
     expect(params, Status::kErrorInvalidArgument, "score stride 0");
+    params = valid;
+    params.scores.probs = layer.d_probs.get<float>();
+    params.scores.stride = layer.probs_stride;
+    params.scores.form = kvc::ScoreForm::kLog2Logits;
+    params.scores.lse = nullptr;
+    expect(params, Status::kErrorInvalidArgument, "log2-logit scores without an lse array");
+    params.scores.form = static_cast<kvc::ScoreForm>(7);
+    params.scores.lse = layer.d_score_lse.get<float>();
+    expect(params, Status::kErrorInvalidArgument, "unknown score form");
     params = valid;
     params.batch = 0;
     expect(params, Status::kSuccess, "empty batch");

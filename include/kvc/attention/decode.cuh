@@ -7,8 +7,11 @@
 //! One call enqueues two kernels on the caller's stream and nothing else:
 //!   1. decode_plan_kernel (one block): lengths -> chunk size -> work list (decode_plan.cuh);
 //!   2. decode_attention_kernel (persistent, SMs x resident CTAs): attention, split-KV merge by
-//!      the last CTA of a head, score output (decode_kernel.cuh). Launched with programmatic
-//!      dependent launch so that its launch overlaps the plan kernel.
+//!      the last CTA of a head, score output (decode_kernel.cuh).
+//! Both are launched with programmatic dependent launch (DecodeParams::programmatic_launch): the
+//! plan's launch overlaps the stream's previous kernel and the attention's overlaps the plan;
+//! each waits (griddepcontrol.wait) for its predecessor before it reads or writes memory, and
+//! each lets its successor launch early (the attention kernel once its CTAs are resident).
 #pragma once
 
 #include <climits>
@@ -85,8 +88,13 @@ Status DecodeAttention<Variant, T, kHeadDim, kGroupSize>::run(DecodeParams const
   KVC_RETURN_IF_ERROR((detail::check_decode_shape<T, kHeadDim, kGroupSize>(params)));
   KVC_RETURN_IF_ERROR(Variant::validate(params));
   if (!(params.scale >= 0.0f) || !std::isfinite(params.scale)) return Status::kErrorInvalidArgument;
-  if (params.scores.probs != nullptr && params.scores.stride <= 0)
+  if (params.scores.probs != nullptr &&
+      (params.scores.stride <= 0 ||
+       (params.scores.form != ScoreForm::kProbabilities &&
+        params.scores.form != ScoreForm::kLog2Logits) ||
+       (params.scores.form == ScoreForm::kLog2Logits && params.scores.lse == nullptr))) {
     return Status::kErrorInvalidArgument;
+  }
   if (params.split.waves < 0 || params.split.waves > detail::kTargetWaves ||
       params.split.min_chunk < 0 || params.split.min_chunk % detail::kChunkQuantum != 0 ||
       params.split.schedule < 0 || params.split.schedule > detail::kScheduleBalanced) {
@@ -137,6 +145,9 @@ Status DecodeAttention<Variant, T, kHeadDim, kGroupSize>::run(DecodeParams const
   args.page_table = cache.page_table;
   args.probs = params.scores.probs;
   args.probs_stride = params.scores.stride;
+  args.score_lse = params.scores.probs != nullptr && params.scores.form == ScoreForm::kLog2Logits
+                       ? params.scores.lse
+                       : nullptr;
   args.page_size = cache.page_size;
   args.page_shift = detail::page_shift_of(cache.page_size);
   args.max_pages_per_head = cache.max_pages_per_head;
@@ -146,11 +157,14 @@ Status DecodeAttention<Variant, T, kHeadDim, kGroupSize>::run(DecodeParams const
   args.scale_log2 = args.scale * detail::kLog2e;
   args.ws = ws;
 
-  detail::decode_plan_kernel<<<1, detail::kPlanThreads, 0, stream>>>(plan);
-  if (cudaGetLastError() != cudaSuccess) return Status::kErrorCuda;
-
-  return detail::launch_persistent(kernel, args, grid, Traits::kThreads, Traits::kSmemBytes,
-                                   params.programmatic_launch, stream);
+  // Both kernels with programmatic dependent launch (when asked): the plan's launch overlaps
+  // the stream's previous kernel (the plan waits for it before touching memory), and the
+  // attention's overlaps the plan.
+  KVC_RETURN_IF_ERROR(detail::launch_kernel(detail::decode_plan_kernel, plan, 1,
+                                            detail::kPlanThreads, 0, params.programmatic_launch,
+                                            stream));
+  return detail::launch_kernel(kernel, args, grid, Traits::kThreads, Traits::kSmemBytes,
+                               params.programmatic_launch, stream);
 }
 
 //! Header-only dispatcher over every supported (dtype, head dim, group size) for `Variant`.

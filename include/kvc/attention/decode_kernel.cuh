@@ -10,8 +10,9 @@
 //! warps merge through shared memory; a head processed in one chunk writes out/lse directly,
 //! otherwise the chunk writes a normalised partial (o, lse) and the last CTA to finish a chunk
 //! of that head (per-head arrival counter, __threadfence) merges all partials in chunk order.
-//! The CTA that finalises a head also turns the scaled logits it left in the score buffer into
-//! probabilities with the final LSE.
+//! The CTA that finalises a head also completes the scores it left in the score buffer (scaled
+//! log2 logits): it turns them into probabilities with the final LSE (ScoreForm::kProbabilities)
+//! or writes that LSE beside them (kLog2Logits).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -86,6 +87,7 @@ struct DecodeKernelArgs {
   std::int32_t const* page_table;
   float* probs;
   int probs_stride;
+  float* score_lse;  // ScoreForm::kLog2Logits: [batch, Hq] log2 LSE; null: probs get probabilities
   int page_size;
   int page_shift;  // log2(page_size), or -1 when not a power of two
   int max_pages_per_head;
@@ -140,6 +142,9 @@ KVC_GLOBAL void __launch_bounds__(DecodeTraits<T, kHeadDim, kGroupSize>::kThread
 #else
   grid_dependency_wait();
 #endif
+  // Every CTA is resident: the stream's next kernel may launch (a programmatically launched
+  // one, such as the next call's plan, waits for this grid before touching memory).
+  grid_dependency_launch_dependents();
 
   int const tid = static_cast<int>(threadIdx.x);
   int const lane = tid & 31;
@@ -160,6 +165,8 @@ KVC_GLOBAL void __launch_bounds__(DecodeTraits<T, kHeadDim, kGroupSize>::kThread
     T* const out = args.out + q_row0 * kHeadDim;
     for (int i = tid; i < kGroupElems; i += kThreads) out[i] = DTypeTraits<T>::from_float(0.0f);
     if (args.lse != nullptr && tid < kGroupSize) args.lse[q_row0 + tid] = -INFINITY;
+    if (args.probs != nullptr && args.score_lse != nullptr && tid < kGroupSize)
+      args.score_lse[q_row0 + tid] = -INFINITY;
   }
 
   Variant const variant(args.params);
@@ -272,12 +279,17 @@ KVC_GLOBAL void __launch_bounds__(DecodeTraits<T, kHeadDim, kGroupSize>::kThread
 
   // ---- Consumer.
   Warp state;
-  // Rewrites the head's G score rows (scaled log2 logits) as probabilities. The (head, slot)
-  // pairs are taken kBatch per thread at a time, all loads before any store, so that a batch
-  // costs one memory latency rather than one per element (the stores would otherwise keep
-  // the compiler from hoisting the next loads).
-  auto finish_probs = [&](long long q_row0, int length, float const* lse2) {
+  // Completes the head's G score rows (scaled log2 logits so far) given the head's LSE `lse2`
+  // (log2 units). ScoreForm::kLog2Logits: writes the LSE beside them. kProbabilities: rewrites
+  // them as probabilities, the (head, slot) pairs kBatch per thread at a time, all loads before
+  // any store, so that a batch costs one memory latency rather than one per element (the stores
+  // would otherwise keep the compiler from hoisting the next loads).
+  auto finish_scores = [&](long long q_row0, int length, float const* lse2) {
     if (args.probs == nullptr) return;
+    if (args.score_lse != nullptr) {
+      if (tid < kGroupSize) args.score_lse[q_row0 + tid] = lse2[tid];
+      return;
+    }
     constexpr int kBatch = 8;
     int const count = length < args.probs_stride ? length : args.probs_stride;
     int const elements = kGroupSize * count;
@@ -339,7 +351,7 @@ KVC_GLOBAL void __launch_bounds__(DecodeTraits<T, kHeadDim, kGroupSize>::kThread
         out[i] = DTypeTraits<T>::from_float(s_o[h * kStride + (i - h * kHeadDim)] * s_inv[h]);
       }
       if (args.lse != nullptr && tid < kGroupSize) args.lse[q_row0 + tid] = s_lse2[tid] * kLn2;
-      finish_probs(q_row0, item.length, s_lse2);
+      finish_scores(q_row0, item.length, s_lse2);
       return;
     }
 
@@ -420,7 +432,7 @@ KVC_GLOBAL void __launch_bounds__(DecodeTraits<T, kHeadDim, kGroupSize>::kThread
       o[3] = DTypeTraits<T>::from_float(acc.w);
     }
     if (args.lse != nullptr && tid < kGroupSize) args.lse[q_row0 + tid] = s_merged[tid] * kLn2;
-    finish_probs(q_row0, item.length, s_merged);
+    finish_scores(q_row0, item.length, s_merged);
   };
 
   auto consume = [&](int stage) {

@@ -320,6 +320,10 @@ KVC_GLOBAL void __launch_bounds__(kPlanThreads) decode_plan_kernel(DecodePlanArg
   // The attention kernel may be scheduled now; its griddepcontrol.wait still waits for this
   // whole grid to finish and flush.
   grid_dependency_launch_dependents();
+  // Launched with programmatic dependent launch, this block may start while the stream's
+  // previous kernel still runs (the previous call's attention reading this workspace, or the
+  // engine's update kernel writing the lengths): nothing is read or written before it is done.
+  grid_dependency_wait();
 
   int const tid = static_cast<int>(threadIdx.x);
   if (tid == 0) KVC_DECODE_TRACE_PLAN_START();

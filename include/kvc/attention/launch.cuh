@@ -1,8 +1,8 @@
 //! @file
 //! Host-side launch plumbing shared by decode and prefill attention (decode.cuh, prefill.cuh):
 //! the persistent grid of a kernel on the current device (cached per device), the 16-byte
-//! pointer check, the page-size shift, the default softmax scale, and the launch of a persistent
-//! kernel with optional programmatic dependent launch.
+//! pointer check, the page-size shift, the default softmax scale, and the launch of a kernel
+//! with optional programmatic dependent launch.
 #pragma once
 
 #include <atomic>
@@ -72,8 +72,8 @@ float softmax_scale_or_default(float scale) {
 //! with programmatic dependent launch when `programmatic_launch` is set and `stream` is an
 //! explicit stream (the legacy default stream keeps plain stream order).
 template <class Kernel, class Args>
-Status launch_persistent(Kernel kernel, Args const& args, int grid, int threads, int smem_bytes,
-                         bool programmatic_launch, cudaStream_t stream) {
+Status launch_kernel(Kernel kernel, Args const& args, int grid, int threads, int smem_bytes,
+                     bool programmatic_launch, cudaStream_t stream) {
   cudaLaunchAttribute attribute[1];
   attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attribute[0].val.programmaticStreamSerializationAllowed = 1;

@@ -38,12 +38,14 @@ struct DecodeParams {
   float logits_soft_cap = 0.0f;             //!< cap of SoftCapVariant (ignored by the default)
   void* out = nullptr;                      //!< [batch, num_q_heads, head_dim]
   float* lse = nullptr;                     //!< [batch, num_q_heads] natural-log LSE, or null
-  ScoreHook scores{};                       //!< per-slot probabilities (H2O/TOVA), or probs null
+  ScoreHook scores{};  //!< per-slot scores (H2O/TOVA; score_hook.hpp), or probs null
   void* workspace = nullptr;                //!< device scratch of `workspace_bytes` bytes
   std::size_t workspace_bytes = 0;
-  bool programmatic_launch = true;          //!< let the attention kernel's launch overlap the plan
-                                            //!< kernel (programmatic dependent launch, sm_90;
-                                            //!< explicit streams only, not the legacy stream 0)
+  bool programmatic_launch = true;  //!< launch the plan kernel and the attention kernel
+                                    //!< with programmatic dependent launch (sm_90;
+                                    //!< explicit streams only, not the legacy stream 0):
+                                    //!< each launch overlaps the kernel before it, which
+                                    //!< it waits for before touching memory
   //! How the device plan splits heads into chunks (tuning; zeros = the library's defaults).
   //! `waves`: chunks per persistent CTA the plan aims for, 1..4 (default 1); `min_chunk`:
   //! the smallest chunk, a multiple of 64 slots (default 256). Fewer, larger chunks mean fewer

@@ -195,7 +195,7 @@ Status PrefillAttention<Variant, T, kHeadDim, kGroupSize>::run(PrefillParams con
   detail::prefill_plan_kernel<<<1, detail::kPrefillPlanThreads, 0, stream>>>(plan);
   if (cudaGetLastError() != cudaSuccess) return Status::kErrorCuda;
 
-  KVC_RETURN_IF_ERROR(detail::launch_persistent(
+  KVC_RETURN_IF_ERROR(detail::launch_kernel(
       detail::prefill_attention_kernel<Variant, T, kHeadDim, kGroupSize>, args, grid,
       Traits::kThreads, Traits::kSmemBytes, params.programmatic_launch, stream));
   if (scores) {

@@ -34,13 +34,15 @@ struct ReferenceDecodeParams {
   float scale = 0.0f;    //!< softmax scale; 0 means 1/sqrt(head_dim) (rounded to float)
   T* out = nullptr;      //!< [batch, num_q_heads, head_dim]
   float* lse = nullptr;  //!< [batch, num_q_heads] natural-log LSE, or null
-  ScoreHook scores{};    //!< per-slot probabilities, or probs null
+  ScoreHook scores{};    //!< per-slot scores in either ScoreForm, or probs null
 };
 
 namespace detail {
 
 inline constexpr int kReferenceDecodeThreads = 256;
 inline constexpr int kReferenceDecodeMaxDimsPerThread = 4;  // head_dim <= 1024
+inline constexpr double kReferenceLog2e =
+    1.4426950408889634;  // log2(e), for ScoreForm::kLog2Logits
 
 //! Dot product of q (shared, float) with key `slot`, in double and in element order, scaled.
 template <class T>
@@ -126,10 +128,12 @@ KVC_GLOBAL void reference_decode_kernel(ReferenceDecodeParams<T> const p) {
       int const s = first + tid;
       double probability = 0.0;
       if (s < length) {
-        probability = exp(reference_logit(cache, reference_q, seq, kv_head, s, scale) - lse);
+        double const logit = reference_logit(cache, reference_q, seq, kv_head, s, scale);
+        probability = exp(logit - lse);
         if (p.scores.probs != nullptr && s < p.scores.stride) {
+          bool const log2_form = p.scores.form == ScoreForm::kLog2Logits;
           p.scores.probs[p.scores.index(row, q_head, s, p.num_q_heads)] =
-              static_cast<float>(probability);
+              static_cast<float>(log2_form ? logit * kReferenceLog2e : probability);
         }
       }
       tile[tid] = probability;
@@ -154,6 +158,8 @@ KVC_GLOBAL void reference_decode_kernel(ReferenceDecodeParams<T> const p) {
         p.out[q_row * d + i] = DTypeTraits<T>::from_float(static_cast<float>(accumulator[j]));
     }
     if (tid == 0 && p.lse != nullptr) p.lse[q_row] = static_cast<float>(lse);
+    if (tid == 0 && p.scores.probs != nullptr && p.scores.form == ScoreForm::kLog2Logits)
+      p.scores.lse[q_row] = static_cast<float>(lse * kReferenceLog2e);
     __syncthreads();  // reference_q and reduce are rewritten for the next query head
   }
 }
@@ -163,7 +169,7 @@ KVC_GLOBAL void reference_decode_kernel(ReferenceDecodeParams<T> const p) {
 //! Launches the oracle attention on `stream`. Rows whose sequence slot is out of range are
 //! skipped (their outputs are not written). Errors: kErrorInvalidArgument (null pointers,
 //! batch < 0, num_q_heads not a positive multiple of num_kv_heads, head_dim above 1024, null
-//! page table or lengths); kErrorCuda.
+//! page table or lengths, ScoreForm::kLog2Logits scores without an lse array); kErrorCuda.
 template <class T>
 Status reference_decode_attention(ReferenceDecodeParams<T> const& params, cudaStream_t stream) {
   PagedLayerView<T> const& cache = params.cache;
@@ -177,6 +183,10 @@ Status reference_decode_attention(ReferenceDecodeParams<T> const& params, cudaSt
   if (params.q == nullptr || params.seq_slots == nullptr || params.out == nullptr ||
       cache.k_pages == nullptr || cache.v_pages == nullptr || cache.page_table == nullptr ||
       cache.lengths == nullptr) {
+    return Status::kErrorInvalidArgument;
+  }
+  if (params.scores.probs != nullptr && params.scores.form == ScoreForm::kLog2Logits &&
+      params.scores.lse == nullptr) {
     return Status::kErrorInvalidArgument;
   }
   dim3 const grid(static_cast<unsigned>(cache.num_kv_heads), static_cast<unsigned>(params.batch));

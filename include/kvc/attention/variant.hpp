@@ -18,7 +18,8 @@
 //!
 //! Score output (the H2O/TOVA hook) is not a variant property: it is on whenever
 //! DecodeParams::scores.probs is set, for every variant, and then holds the softmax
-//! probabilities of the transformed logits (see kvc/attention/score_hook.hpp).
+//! probabilities of the transformed logits, or those logits and their LSE in log2 units
+//! (ScoreForm; see kvc/attention/score_hook.hpp).
 #pragma once
 
 #include <cmath>

@@ -283,26 +283,29 @@ class PagedStore {
     return detail::last_cuda_status();
   }
 
-  //! H2O/TOVA, after the layer's attention: folds the probabilities of `scores` into the slot
-  //! scores and evicts one slot per (sequence, KV head) (TOVA: per sequence) that is over budget,
-  //! the newcomer taking the victim's slot. One launch. A no-op returning kSuccess for Full and
-  //! DMC. Writes nothing if the step failed. Errors: kErrorInvalidArgument (not initialised, layer
-  //! or batch out of range, null pointers, scores.stride < budget + 1); kErrorCuda.
+  //! H2O/TOVA, after the layer's attention: folds the probabilities of `scores` (in either
+  //! ScoreForm) into the slot scores and evicts one slot per (sequence, KV head) (TOVA: per
+  //! sequence) that is over budget, the newcomer taking the victim's slot. One launch. A no-op
+  //! returning kSuccess for Full and DMC. Writes nothing if the step failed. Errors:
+  //! kErrorInvalidArgument (not initialised, layer or batch out of range, null pointers,
+  //! scores.stride < budget + 1, an unknown form, kLog2Logits without lse); kErrorCuda.
   Status evict(int layer, ScoreHook const& scores, std::int32_t const* seq_slots, int batch,
                cudaStream_t stream, StepContext const* context = nullptr) {
     KVC_RETURN_IF_ERROR(check_batch(seq_slots, batch));
     KVC_RETURN_IF_ERROR(check_context(context));
     if (layer < 0 || layer >= dims_.num_layers) return Status::kErrorInvalidArgument;
     if (!config_.has_scores()) return Status::kSuccess;
-    if (batch > 0 && (scores.probs == nullptr || scores.stride < config_.eviction_budget() + 1)) {
+    if (batch > 0 &&
+        (scores.probs == nullptr || scores.stride < config_.eviction_budget() + 1 ||
+         (scores.form != ScoreForm::kProbabilities && scores.form != ScoreForm::kLog2Logits) ||
+         (scores.form == ScoreForm::kLog2Logits && scores.lse == nullptr))) {
       return Status::kErrorInvalidArgument;
     }
     if (batch == 0) return Status::kSuccess;
     detail::EvictParams params;
     params.arrays = step_arrays(context);
     params.dims = dims_;
-    params.probs = scores.probs;
-    params.probs_stride = scores.stride;
+    params.scores = scores;
     params.seq_slots = seq_slots;
     params.batch = batch;
     params.layer = layer;

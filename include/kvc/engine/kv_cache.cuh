@@ -181,6 +181,8 @@ class BasicKVCache {
     cache.q_out_ = base + layout.q_out;
     cache.probs_ =
         layout.probs_stride > 0 ? reinterpret_cast<float*>(base + layout.probs) : nullptr;
+    cache.score_lse_ =
+        layout.probs_stride > 0 ? reinterpret_cast<float*>(base + layout.score_lse) : nullptr;
     cache.step_slots_ = reinterpret_cast<std::int32_t*>(base + layout.slots);
     cache.prefill_ids_ = reinterpret_cast<std::int32_t*>(base + layout.prefill_ids);
     cache.prefill_workspace_ = layout.prefill_workspace_bytes > 0
@@ -425,7 +427,7 @@ class BasicKVCache {
     PagedStoreConfig store{};
     std::size_t store_bytes = 0;
     std::size_t workspace = 0, workspace_bytes = 0;
-    std::size_t q_out = 0, probs = 0, slots = 0, prefill_ids = 0;
+    std::size_t q_out = 0, probs = 0, score_lse = 0, slots = 0, prefill_ids = 0;
     std::size_t prefill_workspace = 0, prefill_workspace_bytes = 0;
     std::size_t total = 0;
     int probs_stride = 0;
@@ -476,6 +478,9 @@ class BasicKVCache {
         detail::align_up(offset + rows * shape.num_q_heads *
                                       static_cast<std::size_t>(out.probs_stride) * sizeof(float),
                          kAlignment);
+    out.score_lse = offset;  // [rows, num_q_heads] log2 LSE beside the log2 logits (H2O/TOVA)
+    offset = detail::align_up(
+        offset + (out.probs_stride > 0 ? rows * shape.num_q_heads * sizeof(float) : 0), kAlignment);
     out.slots = offset;
     offset = detail::align_up(offset + rows * sizeof(std::int32_t), kAlignment);
     out.prefill_ids = offset;  // [max_prefill_seqs] ids, then [max_prefill_seqs + 1] cu_tokens
@@ -559,7 +564,9 @@ class BasicKVCache {
       params.lse = lse;
       params.workspace = workspace_;
       params.workspace_bytes = workspace_bytes_;
-      ScoreHook const hook{probs_, probs_stride_};
+      // Log2 logits and their LSE: attention writes each slot's score once, and the evict
+      // kernel, which reads it anyway, takes the exponential (kvc/attention/score_hook.hpp).
+      ScoreHook const hook{probs_, probs_stride_, ScoreForm::kLog2Logits, score_lse_};
       if (probs_ != nullptr) params.scores = hook;
       KVC_RETURN_IF_ERROR(store_.template update<T>(
           layer, static_cast<T const*>(q), static_cast<T const*>(k), static_cast<T const*>(v),
@@ -708,6 +715,7 @@ class BasicKVCache {
     std::swap(workspace_bytes_, other.workspace_bytes_);
     std::swap(q_out_, other.q_out_);
     std::swap(probs_, other.probs_);
+    std::swap(score_lse_, other.score_lse_);
     std::swap(probs_stride_, other.probs_stride_);
     std::swap(step_slots_, other.step_slots_);
     std::swap(prefill_ids_, other.prefill_ids_);
@@ -737,6 +745,7 @@ class BasicKVCache {
   std::size_t workspace_bytes_ = 0;
   void* q_out_ = nullptr;   // [batch_capacity, num_q_heads, head_dim] dtype
   float* probs_ = nullptr;  // [batch_capacity, num_q_heads, budget + 1] (H2O/TOVA)
+  float* score_lse_ = nullptr;  // [batch_capacity, num_q_heads] (H2O/TOVA)
   int probs_stride_ = 0;
   std::int32_t* step_slots_ = nullptr;    // [batch_capacity] ids of the step's rows
   std::int32_t* prefill_ids_ = nullptr;   // [max_prefill_seqs] ids, [max_prefill_seqs + 1] cu

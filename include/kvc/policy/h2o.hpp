@@ -41,11 +41,20 @@ KVC_HOST_DEVICE float h2o_accumulate(float score, float group_probability) {
   return add_rn(score, group_probability);
 }
 
-//! Sum of the G probabilities a slot received from the query heads of its group, in order.
-KVC_HOST_DEVICE float h2o_group_probability(float const* probabilities, int group_size, int stride) {
+//! Sum of the G probabilities a slot received from the query heads of its group, in order;
+//! `probability_of(g)` gives group member g's.
+template <class ProbabilityOf>
+KVC_HOST_DEVICE float h2o_group_probability_of(ProbabilityOf const& probability_of,
+                                               int group_size) {
   float sum = 0.0f;
-  for (int g = 0; g < group_size; ++g) sum = add_rn(sum, probabilities[g * stride]);
+  for (int g = 0; g < group_size; ++g) sum = add_rn(sum, probability_of(g));
   return sum;
+}
+
+//! h2o_group_probability_of over probabilities `stride` apart.
+KVC_HOST_DEVICE float h2o_group_probability(float const* probabilities, int group_size,
+                                            int stride) {
+  return h2o_group_probability_of([=](int g) { return probabilities[g * stride]; }, group_size);
 }
 
 //! Sequential victim search over `count` slots; -1 if every slot is recent.

@@ -22,11 +22,18 @@ struct TovaConfig {
   Status validate() const { return budget > 0 ? Status::kSuccess : Status::kErrorInvalidBudget; }
 };
 
-//! Mean over `num_q_heads` probabilities of one slot (query-head order), `stride` apart.
-KVC_HOST_DEVICE float tova_score(float const* probabilities, int num_q_heads, int stride) {
+//! Mean over `num_q_heads` probabilities of one slot, summed in query-head order;
+//! `probability_of(h)` gives query head h's.
+template <class ProbabilityOf>
+KVC_HOST_DEVICE float tova_score_of(ProbabilityOf const& probability_of, int num_q_heads) {
   float sum = 0.0f;
-  for (int h = 0; h < num_q_heads; ++h) sum = add_rn(sum, probabilities[h * stride]);
+  for (int h = 0; h < num_q_heads; ++h) sum = add_rn(sum, probability_of(h));
   return div_rn(sum, static_cast<float>(num_q_heads));
+}
+
+//! tova_score_of over probabilities `stride` apart.
+KVC_HOST_DEVICE float tova_score(float const* probabilities, int num_q_heads, int stride) {
+  return tova_score_of([=](int h) { return probabilities[h * stride]; }, num_q_heads);
 }
 
 //! Sequential victim search; `newcomer_slot` is skipped when `protect_new`. -1 if none.

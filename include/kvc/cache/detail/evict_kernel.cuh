@@ -1,6 +1,7 @@
 //! @file
 //! The per-layer evict kernel of H2O and TOVA, run after the step's attention has written the
-//! per-slot probabilities (kvc/attention/score_hook.hpp). One launch for the whole batch:
+//! per-slot scores (kvc/attention/score_hook.hpp: probabilities, or log2 logits and their LSE,
+//! which ScoreHook::probability turns into the same probabilities). One launch for the whole batch:
 //! - H2O, one block per (KV head, batch row): score[s] = h2o_accumulate(score[s],
 //!   h2o_group_probability(p of the G query heads)) for every slot; if length > heavy + recent,
 //!   the victim is the block argmin by kvc::first_to_evict among slots that are not recent
@@ -18,6 +19,7 @@
 
 #include <cstdint>
 
+#include "kvc/attention/score_hook.hpp"
 #include "kvc/cache/detail/block_scan.cuh"
 #include "kvc/cache/step_report.hpp"
 #include "kvc/cache/store_layout.hpp"
@@ -35,8 +37,7 @@ inline constexpr int kEvictUnroll = 4;
 struct EvictParams {
   StoreArrays arrays;
   StoreDims dims;
-  float const* probs = nullptr;  // [batch, num_q_heads, probs_stride]
-  int probs_stride = 0;
+  ScoreHook scores{};                       // what the layer's attention wrote (either ScoreForm)
   std::int32_t const* seq_slots = nullptr;  // [batch]
   int batch = 0;
   int layer = 0;
@@ -52,12 +53,11 @@ struct H2OEvict {
   KVC_DEVICE static int budget(EvictParams const& p) { return p.h2o.budget(); }
   KVC_DEVICE static float score(EvictParams const& p, int row, int kv_head, int slot, float old) {
     int const group = p.dims.group_size();
-    float const* probs = p.probs +
-                         (static_cast<std::int64_t>(row) * p.dims.num_q_heads +
-                          static_cast<std::int64_t>(kv_head) * group) *
-                             p.probs_stride +
-                         slot;
-    return h2o_accumulate(old, h2o_group_probability(probs, group, p.probs_stride));
+    int const hq = p.dims.num_q_heads;
+    return h2o_accumulate(
+        old, h2o_group_probability_of(
+                 [&](int g) { return p.scores.probability(row, kv_head * group + g, slot, hq); },
+                 group));
   }
   KVC_DEVICE static bool eligible(EvictParams const& p, int /*slot*/, int /*length*/,
                                   std::int64_t position, std::int64_t newest) {
@@ -72,9 +72,8 @@ struct TovaEvict {
   KVC_DEVICE static int budget(EvictParams const& p) { return p.tova.budget; }
   KVC_DEVICE static float score(EvictParams const& p, int row, int /*kv_head*/, int slot,
                                 float /*old*/) {
-    float const* probs =
-        p.probs + static_cast<std::int64_t>(row) * p.dims.num_q_heads * p.probs_stride + slot;
-    return tova_score(probs, p.dims.num_q_heads, p.probs_stride);
+    int const hq = p.dims.num_q_heads;
+    return tova_score_of([&](int h) { return p.scores.probability(row, h, slot, hq); }, hq);
   }
   KVC_DEVICE static bool eligible(EvictParams const& p, int slot, int length,
                                   std::int64_t /*position*/, std::int64_t /*newest*/) {
@@ -106,7 +105,7 @@ KVC_GLOBAL void __launch_bounds__(Policy::kThreads) evict_kernel(EvictParams con
       std::int64_t const capacity =
           static_cast<std::int64_t>(a.page_counts[shared_head]) * dims.page_size;
       good = shared_length <= budget + 1 && shared_length <= capacity &&
-             shared_length <= p.probs_stride;
+             shared_length <= p.scores.stride;
     }
     if (!good) atomicAdd(&a.report->protocol_errors, 1);
     ok = good;
