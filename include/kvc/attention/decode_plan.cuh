@@ -17,13 +17,14 @@
 //! full and page-aligned for page sizes dividing kChunkQuantum.
 #pragma once
 
-#include <cuda_runtime.h>
-
 #include <cstddef>
 #include <cstdint>
 
+#include <cuda_runtime.h>
+
 #include "kvc/attention/decode_primitives.cuh"
 #include "kvc/attention/decode_trace.cuh"
+#include "kvc/core/block_reduce.cuh"
 #include "kvc/core/macros.hpp"
 
 namespace kvc::detail {
@@ -64,7 +65,7 @@ struct alignas(16) DecodeWorkItem {
 //! Device pointers into the caller's workspace.
 struct DecodeWorkspace {
   int* counters = nullptr;            //!< [4]: work items, empty heads, greedy claims, CTAs used
-  int* head_length = nullptr;         //!< [heads] clamped length of each (row, KV head)
+  int* head_length = nullptr;         //!< [heads] clamped lengths (plan scratch)
   int* arrivals = nullptr;            //!< [heads] finished chunks per head (zeroed by the plan)
   int* empty_heads = nullptr;         //!< [heads] heads of length 0
   int* cta_first = nullptr;           //!< [grid] balanced schedule: first item of each CTA
@@ -175,37 +176,6 @@ KVC_DEVICE void decode_split(int length, int chunk, int& chunk_size, int& num_ch
 //! Bucket of a chunk size (floor(log2)); items are listed from the largest bucket down.
 KVC_DEVICE int decode_bucket(int chunk_size) { return 31 - __clz(chunk_size); }
 
-//! Block-wide exclusive prefix sum of one value per thread of the kPlanThreads-thread block:
-//! returns this thread's exclusive prefix and sets `total` to the block's sum. Every thread must
-//! call it; `scratch` holds kPlanThreads / 32 values.
-KVC_DEVICE long long plan_exclusive_scan(long long value, long long* scratch, long long& total) {
-  constexpr int kWarpsPerBlock = kPlanThreads / 32;
-  int const lane = static_cast<int>(threadIdx.x) & 31;
-  int const warp = static_cast<int>(threadIdx.x) >> 5;
-  long long inclusive = value;
-#pragma unroll
-  for (int offset = 1; offset < 32; offset <<= 1) {
-    long long const up = __shfl_up_sync(0xffffffffu, inclusive, offset);
-    if (lane >= offset) inclusive += up;
-  }
-  if (lane == 31) scratch[warp] = inclusive;
-  __syncthreads();
-  if (warp == 0) {
-    long long sum = lane < kWarpsPerBlock ? scratch[lane] : 0;
-#pragma unroll
-    for (int offset = 1; offset < 32; offset <<= 1) {
-      long long const up = __shfl_up_sync(0xffffffffu, sum, offset);
-      if (lane >= offset) sum += up;
-    }
-    if (lane < kWarpsPerBlock) scratch[lane] = sum;
-  }
-  __syncthreads();
-  long long const before = warp > 0 ? scratch[warp - 1] : 0;
-  total = scratch[kWarpsPerBlock - 1];
-  __syncthreads();  // scratch is reused by the next call
-  return before + inclusive - value;
-}
-
 //! Balanced plan (SplitPolicy::schedule 3). The heads' kChunkQuantum-slot quanta, in head order,
 //! form one sequence of Q quanta; CTA c takes quanta [c * S, (c + 1) * S) with
 //!   S = max(ceil(Q / P), ceil(longest head / (kMaxSplits - 1)), min_chunk / kChunkQuantum),
@@ -216,7 +186,7 @@ KVC_DEVICE long long plan_exclusive_scan(long long value, long long* scratch, lo
 //! heads, 0, CTAs used), head_length, arrivals (zeroed), empty_heads, cta_first and items.
 //! Items <= heads + P - 1 and partial records <= 2 (P - 1): within the workspace capacities.
 KVC_DEVICE void decode_plan_balanced(DecodePlanArgs const& a) {
-  __shared__ long long scratch[kPlanThreads / 32];
+  __shared__ BlockScratch scratch;
   __shared__ long long warp_max[kPlanThreads / 32];
   __shared__ int empty_count;
   __shared__ int partial_count;
@@ -244,7 +214,7 @@ KVC_DEVICE void decode_plan_balanced(DecodePlanArgs const& a) {
   }
   if ((tid & 31) == 0) warp_max[tid >> 5] = local_max;
   long long total = 0;
-  (void)plan_exclusive_scan(local_total, scratch, total);  // syncs: warp_max is visible after
+  (void)block_exclusive_sum(local_total, total, scratch);  // syncs: warp_max is visible after
   long long longest = 0;
 #pragma unroll 4
   for (int w = 0; w < kPlanThreads / 32; ++w) longest = warp_max[w] > longest ? warp_max[w] : longest;
@@ -264,12 +234,12 @@ KVC_DEVICE void decode_plan_balanced(DecodePlanArgs const& a) {
     int const length = head < num_heads ? a.ws.head_length[head] : 0;
     long long const quanta = (length + kChunkQuantum - 1) / kChunkQuantum;
     long long round_quanta = 0;
-    long long const start = quanta_before + plan_exclusive_scan(quanta, scratch, round_quanta);
+    long long const start = quanta_before + block_exclusive_sum(quanta, round_quanta, scratch);
     quanta_before += round_quanta;
     long long const first_cta = start / share;
     int const pieces = length > 0 ? static_cast<int>((start + quanta - 1) / share - first_cta + 1) : 0;
     long long round_items = 0;
-    long long const item0 = items_before + plan_exclusive_scan(pieces, scratch, round_items);
+    long long const item0 = items_before + block_exclusive_sum(pieces, round_items, scratch);
     items_before += round_items;
     if (head >= num_heads) continue;
     a.ws.arrivals[head] = 0;

@@ -222,8 +222,6 @@ KVC_GLOBAL void __launch_bounds__(kPrefillPlanThreads)
   __shared__ int s_count[kPrefillBuckets];
   __shared__ int s_cursor[kPrefillBuckets];
   __shared__ int s_records;
-  __shared__ int s_scan[kPrefillPlanThreads / 32];
-  __shared__ int s_carry;
   int const tid = static_cast<int>(threadIdx.x);
   int const pairs = a.batch * a.num_kv_heads;
   int const tpt = a.tokens_per_tile;
@@ -237,10 +235,7 @@ KVC_GLOBAL void __launch_bounds__(kPrefillPlanThreads)
   int const pair_stride = kPrefillPlanThreads / lanes;
   int const tile_step = lanes * tpt;
   PrefillWorkspace const& ws = a.ws;
-  if (tid == 0) {
-    s_records = 0;
-    s_carry = 0;
-  }
+  if (tid == 0) s_records = 0;
   if (tid < kPrefillBuckets) s_count[tid] = 0;
   __syncthreads();
 
@@ -356,9 +351,8 @@ KVC_GLOBAL void __launch_bounds__(kPrefillPlanThreads)
 
   // Score units: exclusive scan of ceil(min(P + n, stride) / kPrefillScoreSlots) over the pairs.
   if (a.score_stride <= 0) return;
-  int const lane = tid & 31;
-  int const warp = tid >> 5;
-  for (int base = 0; base < pairs; base += kPrefillPlanThreads) {
+  long long carry = 0;                                             // units of the rounds before
+  for (int base = 0; base < pairs; base += kPrefillPlanThreads) {  // uniform: the scan syncs
     int const pair = base + tid;
     int units = 0;
     if (pair < pairs) {
@@ -368,32 +362,12 @@ KVC_GLOBAL void __launch_bounds__(kPrefillPlanThreads)
       slots = slots < a.score_stride ? slots : a.score_stride;
       units = (slots + kPrefillScoreSlots - 1) / kPrefillScoreSlots;
     }
-    int inclusive = units;
-#pragma unroll
-    for (int offset = 1; offset < 32; offset <<= 1) {
-      int const other = __shfl_up_sync(0xffffffffu, inclusive, offset);
-      if (lane >= offset) inclusive += other;
-    }
-    if (lane == 31) s_scan[warp] = inclusive;
-    __syncthreads();
-    if (warp == 0) {
-      int const total = s_scan[lane];
-      int running = total;
-#pragma unroll
-      for (int offset = 1; offset < 32; offset <<= 1) {
-        int const other = __shfl_up_sync(0xffffffffu, running, offset);
-        if (lane >= offset) running += other;
-      }
-      s_scan[lane] = running - total;  // exclusive per warp
-    }
-    __syncthreads();
-    int const carry = s_carry;
-    if (pair < pairs) ws.score_offsets[pair] = carry + s_scan[warp] + inclusive - units;
-    __syncthreads();
-    if (tid == kPrefillPlanThreads - 1) s_carry = carry + s_scan[warp] + inclusive;
-    __syncthreads();
+    long long round_units = 0;
+    long long const before = block_exclusive_sum(units, round_units, scratch);
+    if (pair < pairs) ws.score_offsets[pair] = static_cast<int>(carry + before);
+    carry += round_units;
   }
-  if (tid == 0) ws.score_offsets[pairs] = s_carry;
+  if (tid == 0) ws.score_offsets[pairs] = static_cast<int>(carry);
 }
 
 //! Threads per block of prefill_compact_kernel.

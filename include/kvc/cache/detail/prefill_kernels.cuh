@@ -321,6 +321,14 @@ KVC_DEVICE void prefill_write_full_tile(PrefillKernelParams<T> const& p, Prefill
 //! KV heads per block of the prepare kernel: the grid's third dimension splits a row's KV heads
 //! into ranges of this many (one warp per KV head in the DMC part).
 inline constexpr int kPrefillPrepareHeads = kPrefillThreads / 32;
+//! Resident blocks per SM that the prepare kernel's launch bounds ask for: 3 caps both instances
+//! at 80 registers, 24 warps per SM (before: Full/H2O/TOVA 112 and DMC 127 registers, 2 blocks,
+//! 16 warps), with a few bytes spilled (Full: on the double-precision RoPE-angle path; DMC: 220
+//! bytes). Measured on an H200 (benchmarks/RESULTS.md, 2026-12-04, fourth session), store side of a
+//! prefill: Full 123 -> 112 us at 1 x 4096 tokens, 398 -> 349 us at 8 x 2048; DMC 273 -> 271 us and
+//! 865 -> 816 us. 4 blocks (64 registers) gave Full nothing (124 / 400 us). Leaving the DMC
+//! instance at an explicit 1 made ptxas take 130 registers, 1 block per SM: DMC 382 / 1294 us.
+inline constexpr int kPrefillPrepareMinBlocks = 3;
 
 //! Dynamic shared memory (bytes) of prefill_prepare_kernel.
 inline std::size_t prefill_prepare_shared_bytes(StoreDims const& dims, int window) {
@@ -500,7 +508,7 @@ KVC_DEVICE void prefill_dmc_tile_means(PrefillKernelParams<T> const& p, PrefillR
 //! kDmc: the policy is DMC (an instantiation each, so that Full/H2O/TOVA's keep the registers
 //! of their short path).
 template <class T, bool kDmc>
-KVC_GLOBAL void __launch_bounds__(kPrefillThreads)
+KVC_GLOBAL void __launch_bounds__(kPrefillThreads, kPrefillPrepareMinBlocks)
     prefill_prepare_kernel(PrefillKernelParams<T> const p) {
   extern __shared__ float prepare_smem[];
   PrefillRow rw;
