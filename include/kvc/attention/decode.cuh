@@ -88,13 +88,8 @@ Status DecodeAttention<Variant, T, kHeadDim, kGroupSize>::run(DecodeParams const
   KVC_RETURN_IF_ERROR((detail::check_decode_shape<T, kHeadDim, kGroupSize>(params)));
   KVC_RETURN_IF_ERROR(Variant::validate(params));
   if (!(params.scale >= 0.0f) || !std::isfinite(params.scale)) return Status::kErrorInvalidArgument;
-  if (params.scores.probs != nullptr &&
-      (params.scores.stride <= 0 ||
-       (params.scores.form != ScoreForm::kProbabilities &&
-        params.scores.form != ScoreForm::kLog2Logits) ||
-       (params.scores.form == ScoreForm::kLog2Logits && params.scores.lse == nullptr))) {
+  if (params.scores.enabled() && (params.scores.stride <= 0 || !params.scores.form_complete()))
     return Status::kErrorInvalidArgument;
-  }
   if (params.split.waves < 0 || params.split.waves > detail::kTargetWaves ||
       params.split.min_chunk < 0 || params.split.min_chunk % detail::kChunkQuantum != 0 ||
       params.split.schedule < 0 || params.split.schedule > detail::kScheduleBalanced) {

@@ -169,7 +169,8 @@ KVC_GLOBAL void reference_decode_kernel(ReferenceDecodeParams<T> const p) {
 //! Launches the oracle attention on `stream`. Rows whose sequence slot is out of range are
 //! skipped (their outputs are not written). Errors: kErrorInvalidArgument (null pointers,
 //! batch < 0, num_q_heads not a positive multiple of num_kv_heads, head_dim above 1024, null
-//! page table or lengths, ScoreForm::kLog2Logits scores without an lse array); kErrorCuda.
+//! page table or lengths, an unknown score form or kLog2Logits scores without an lse array);
+//! kErrorCuda.
 template <class T>
 Status reference_decode_attention(ReferenceDecodeParams<T> const& params, cudaStream_t stream) {
   PagedLayerView<T> const& cache = params.cache;
@@ -185,10 +186,8 @@ Status reference_decode_attention(ReferenceDecodeParams<T> const& params, cudaSt
       cache.lengths == nullptr) {
     return Status::kErrorInvalidArgument;
   }
-  if (params.scores.probs != nullptr && params.scores.form == ScoreForm::kLog2Logits &&
-      params.scores.lse == nullptr) {
+  if (params.scores.enabled() && !params.scores.form_complete())
     return Status::kErrorInvalidArgument;
-  }
   dim3 const grid(static_cast<unsigned>(cache.num_kv_heads), static_cast<unsigned>(params.batch));
   std::size_t const smem = sizeof(float) * static_cast<std::size_t>(cache.head_dim);
   detail::reference_decode_kernel<T>

@@ -50,6 +50,12 @@ struct ScoreHook {
   }
   KVC_HOST_DEVICE bool enabled() const { return probs != nullptr; }
 
+  //! The form is one of ScoreForm's and has what it needs (kLog2Logits: an lse array). The
+  //! attention calls and the evict kernel's host call check it when scores are requested.
+  KVC_HOST_DEVICE bool form_complete() const {
+    return form == ScoreForm::kProbabilities || (form == ScoreForm::kLog2Logits && lse != nullptr);
+  }
+
   //! The softmax probability of (row, query head, slot), in either form.
   KVC_HOST_DEVICE float probability(int row, int q_head, int slot, int num_q_heads) const {
     float const stored = probs[index(row, q_head, slot, num_q_heads)];

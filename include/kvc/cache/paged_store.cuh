@@ -295,10 +295,8 @@ class PagedStore {
     KVC_RETURN_IF_ERROR(check_context(context));
     if (layer < 0 || layer >= dims_.num_layers) return Status::kErrorInvalidArgument;
     if (!config_.has_scores()) return Status::kSuccess;
-    if (batch > 0 &&
-        (scores.probs == nullptr || scores.stride < config_.eviction_budget() + 1 ||
-         (scores.form != ScoreForm::kProbabilities && scores.form != ScoreForm::kLog2Logits) ||
-         (scores.form == ScoreForm::kLog2Logits && scores.lse == nullptr))) {
+    if (batch > 0 && (!scores.enabled() || scores.stride < config_.eviction_budget() + 1 ||
+                      !scores.form_complete())) {
       return Status::kErrorInvalidArgument;
     }
     if (batch == 0) return Status::kSuccess;
