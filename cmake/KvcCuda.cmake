@@ -7,8 +7,8 @@ include(GNUInstallDirs)
 check_language(CUDA)
 if(CMAKE_CUDA_COMPILER)
   if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES)
-    # Explicit default (Hopper). `native` would fail on GPU-less build machines.
-    set(CMAKE_CUDA_ARCHITECTURES 90)
+    # Explicit default (Hopper, with the sm_90a features: wgmma). `native` would fail on GPU-less build machines.
+    set(CMAKE_CUDA_ARCHITECTURES 90a)
   endif()
   enable_language(CUDA)
   find_package(CUDAToolkit REQUIRED)

@@ -7,10 +7,11 @@
 //! the packed k / v) stream through a multi-stage cp.async pipeline into XOR-swizzled shared
 //! tiles, the source rows (page-table lookups) and DMC mask flags of the next tile being fetched
 //! one iteration ahead into registers. Each warp owns 16 query rows and all keys of
-//! every tile (PrefillTcWarp / PrefillSimtWarp), so warps never merge. An item that is the whole
-//! key range writes out / lse directly; a split writes a normalised partial (o, lse) to the
-//! workspace and the last of the q tile's splits to finish (arrival counter, __threadfence)
-//! merges them in split order.
+//! every tile (PrefillTcWarp / PrefillSimtWarp), so warps never merge; on sm_90a the tensor-core
+//! warps multiply per warpgroup with wgmma, reading Q, K and V straight from the shared tiles. An
+//! item that is the whole key range writes out / lse directly; a split writes a normalised partial
+//! (o, lse) to the workspace and the last of the q tile's splits to finish (arrival counter,
+//! __threadfence) merges them in split order.
 #pragma once
 
 #include <climits>
@@ -24,6 +25,7 @@
 #include "kvc/attention/prefill_params.hpp"
 #include "kvc/attention/prefill_plan.cuh"
 #include "kvc/attention/prefill_warp.cuh"
+#include "kvc/attention/wgmma.cuh"
 #include "kvc/core/dtype_traits.hpp"
 #include "kvc/core/macros.hpp"
 #include "kvc/core/status.hpp"
@@ -49,6 +51,9 @@ Status validate_prefill_variant(PrefillParams const& params) {
 template <class T, int kHeadDim, int kGroupSize>
 struct PrefillTraits {
   static constexpr bool kTensorCores = !std::is_same<T, float>::value;
+  // Hopper's warpgroup products (device passes for sm_90a only; the host pass and other targets
+  // take mma.sync) for head dims 64 and 128; 256 stays on mma.sync.
+  static constexpr bool kWgmma = kHasWgmma && kTensorCores && kHeadDim <= 128;
   // 16-bit: 8 warps, q tiles of 128 rows (one CTA per SM at D >= 128, 8 warps sharing every K/V
   // tile); fp32: 4 warps, 64 rows.
   static constexpr int kWarps = kTensorCores ? 8 : 4;
@@ -70,12 +75,21 @@ struct PrefillTraits {
   static constexpr int align16(int bytes) { return (bytes + 15) / 16 * 16; }
   static constexpr int kStagesOffset = kQBytes;
   static constexpr int kSrcOffset =
-      kStagesOffset + kStages * kStageBytes;                            // long long [stages][keys]
-  static constexpr int kFlagOffset = kSrcOffset + kStages * kKeys * 8;  // uint8 [stages][keys]
+      kStagesOffset + kStages * kStageBytes;  // PrefillSourceRow<T> [stages][keys]
+  static constexpr int kFlagOffset = kSrcOffset + kStages * kKeys * 16;    // uint8 [stages][keys]
   static constexpr int kWOffset = align16(kFlagOffset + kStages * kKeys);  // float [warps][64]
   static constexpr int kMiscOffset = kWOffset + kWarps * kPrefillMaxSplits * 4;  // int [4]
   static constexpr int kLimitOffset = kMiscOffset + 16;  // int [rows]: keys below are seen
-  static constexpr int kSmemBytes = kLimitOffset + kRows * 4;
+  // + 1 KB: the wgmma tiles' 1024-byte alignment is made at run time (every 16-bit instance keeps
+  // the slack, so that the host's size agrees with every device pass).
+  static constexpr int kAlignSlack = kTensorCores ? 1024 : 0;
+  static constexpr int kSmemBytes = kLimitOffset + kRows * 4 + kAlignSlack;
+
+  //! Byte offset of 16-byte chunk c of row r in a Q or K / V tile of `rows` rows: 64-column
+  //! blocks for wgmma, else rows of kRowBytes; both swizzle the chunk by the row (& 7).
+  KVC_HOST_DEVICE static constexpr int tile_offset(int rows, int r, int c) {
+    return kWgmma ? wgmma_tile_offset(rows, r, c) : r * kRowBytes + ((c ^ (r & 7)) << 4);
+  }
   static constexpr int kSmemPerSm = 228 * 1024;
   // Resident CTAs per SM the launch bounds promise: 1 with 8 warps; at most 2 for fp32 (whose
   // warps need ~170-255 registers: 3 CTAs would force spills).
@@ -137,6 +151,24 @@ KVC_DEVICE void store_pair(T* destination, float a, float b) {
   }
 }
 
+//! Where a K / V tile row comes from: the key's rows in the pool or the chunk, or null (past the
+//! item's end: zero fill). Resolved once per key by the thread that looks it up, so that the
+//! copies of a tile are branch-free.
+template <class T>
+struct alignas(16) PrefillSourceRow {
+  T const* k;
+  T const* v;
+};
+
+//! The rows of a prefill_key_source code.
+template <class T>
+KVC_DEVICE PrefillSourceRow<T> prefill_source_row(PrefillKernelArgs<T> const& args,
+                                                  long long source) {
+  if (source >= 0) return {args.k_pages + source, args.v_pages + source};
+  if (source <= -2) return {args.k + (-2 - source), args.v + (-2 - source)};
+  return {nullptr, nullptr};
+}
+
 //! Source of item-space key j of the current item: >= 0 pool element offset, <= -2 chunk element
 //! offset (-2 - offset) into k / v, -1 past the item's end (zero fill). `flag`: the DMC mask
 //! flag of a chunk key (1 for prefix slots or without a mask); compacted (item.compact >= 0):
@@ -191,24 +223,26 @@ KVC_GLOBAL void __launch_bounds__(PrefillTraits<T, kHeadDim, kGroupSize>::kThrea
                                   PrefillTraits<T, kHeadDim, kGroupSize>::kMinBlocks)
     prefill_attention_kernel(PrefillKernelArgs<T> const args) {
   using Traits = PrefillTraits<T, kHeadDim, kGroupSize>;
-  using Warp =
-      std::conditional_t<Traits::kTensorCores,
-                         PrefillTcWarp<T, kHeadDim, kGroupSize,
-                                       PrefillTraits<T, kHeadDim, kGroupSize>::kKeys, Variant>,
-                         PrefillSimtWarp<kHeadDim, kGroupSize, Variant>>;
+  using Warp = std::conditional_t<
+      Traits::kTensorCores,
+      PrefillTcWarp<T, kHeadDim, kGroupSize, PrefillTraits<T, kHeadDim, kGroupSize>::kKeys, Variant,
+                    PrefillTraits<T, kHeadDim, kGroupSize>::kWgmma,
+                    PrefillTraits<T, kHeadDim, kGroupSize>::kRows>,
+      PrefillSimtWarp<kHeadDim, kGroupSize, Variant>>;
   constexpr int kThreads = Traits::kThreads;
   constexpr int kStages = Traits::kStages;
   constexpr int kKeys = Traits::kKeys;
   constexpr int kChunks = Traits::kChunks;
   constexpr int kElems = Traits::kElems;
-  constexpr int kRowBytes = Traits::kRowBytes;
   constexpr int kTileBytes = Traits::kTileBytes;
   constexpr int kRows = Traits::kRows;
 
-  extern __shared__ __align__(128) unsigned char smem[];
-  unsigned char* const q_tile = smem;  // T [kRows][D]
-  long long* const s_src =
-      reinterpret_cast<long long*>(smem + Traits::kSrcOffset);           // [stages][keys]
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  unsigned char* const smem =
+      smem_raw + (Traits::kWgmma ? (1024 - (smem_address(smem_raw) & 1023)) & 1023 : 0);
+  unsigned char* const q_tile = smem;  // T [kRows][D] (Traits::tile_offset)
+  PrefillSourceRow<T>* const s_src =
+      reinterpret_cast<PrefillSourceRow<T>*>(smem + Traits::kSrcOffset);  // [stages][keys]
   unsigned char* const s_flag = smem + Traits::kFlagOffset;              // [stages][keys]
   float* const s_w = reinterpret_cast<float*>(smem + Traits::kWOffset);  // [warps][64] weights
   int* const s_misc = reinterpret_cast<int*>(smem + Traits::kMiscOffset);
@@ -248,26 +282,17 @@ KVC_GLOBAL void __launch_bounds__(PrefillTraits<T, kHeadDim, kGroupSize>::kThrea
       std::uint32_t const k_dst =
           smem_address(smem + Traits::kStagesOffset + stage * Traits::kStageBytes);
       std::uint32_t const v_dst = k_dst + kTileBytes;
-      long long const* rows = s_src + stage * kKeys;
+      PrefillSourceRow<T> const* rows = s_src + stage * kKeys;
 #pragma unroll
       for (int i = 0; i < Traits::kCopies; ++i) {
         int const id = tid + i * kThreads;
         int const r = id / kChunks;
         int const c = id - r * kChunks;
-        long long const source = rows[r];
-        T const* k_src = args.k;
-        T const* v_src = args.v;
-        if (source >= 0) {
-          k_src = args.k_pages + source + c * kElems;
-          v_src = args.v_pages + source + c * kElems;
-        } else if (source <= -2) {
-          k_src = args.k + (-2 - source) + c * kElems;
-          v_src = args.v + (-2 - source) + c * kElems;
-        }
-        std::uint32_t const offset =
-            static_cast<std::uint32_t>(r * kRowBytes + ((c ^ (r & 7)) << 4));
-        cp_async_16(k_dst + offset, k_src, source != -1);
-        cp_async_16(v_dst + offset, v_src, source != -1);
+        PrefillSourceRow<T> const row = rows[r];
+        bool const valid = row.k != nullptr;
+        std::uint32_t const offset = static_cast<std::uint32_t>(Traits::tile_offset(kKeys, r, c));
+        cp_async_16(k_dst + offset, valid ? row.k + c * kElems : args.k, valid);
+        cp_async_16(v_dst + offset, valid ? row.v + c * kElems : args.v, valid);
       }
     };
 
@@ -283,7 +308,7 @@ KVC_GLOBAL void __launch_bounds__(PrefillTraits<T, kHeadDim, kGroupSize>::kThrea
         bool const valid = token < item.num_tokens;
         long long const row = (static_cast<long long>(item.token0) + (valid ? token : 0)) * hq +
                               q_head0 + r % kGroupSize;
-        cp_async_16(q_dst + static_cast<std::uint32_t>(r * kRowBytes + ((c ^ (r & 7)) << 4)),
+        cp_async_16(q_dst + static_cast<std::uint32_t>(Traits::tile_offset(kRows, r, c)),
                     args.q + row * kHeadDim + c * kElems, valid);
       }
     }
@@ -307,7 +332,7 @@ KVC_GLOBAL void __launch_bounds__(PrefillTraits<T, kHeadDim, kGroupSize>::kThrea
         long long source;
         unsigned char flag;
         prefill_key_source(args, item, kv_head, pages, item.begin + s * kKeys + tid, source, flag);
-        s_src[s * kKeys + tid] = source;
+        s_src[s * kKeys + tid] = prefill_source_row(args, source);
         s_flag[s * kKeys + tid] = flag;
       }
       __syncthreads();
@@ -332,8 +357,11 @@ KVC_GLOBAL void __launch_bounds__(PrefillTraits<T, kHeadDim, kGroupSize>::kThrea
     for (int t = 0; t < tiles; ++t) {
       int const ahead = t + kStages - 1;
       int const ahead_stage = ahead % kStages;
-      if (ahead < tiles && tid < kKeys) s_src[ahead_stage * kKeys + tid] = next_source;
+      if (ahead < tiles && tid < kKeys) {
+        s_src[ahead_stage * kKeys + tid] = prefill_source_row(args, next_source);
+      }
       cp_async_wait<kStages - 2>();
+      if constexpr (Traits::kWgmma) fence_proxy_async_shared();  // wgmma reads the tiles
       __syncthreads();
       if (ahead < tiles) {
         issue(ahead_stage);

@@ -5,8 +5,14 @@
 //! token tile_token + r / G and query head kv_head * G + r % G, so K and V are read once for G
 //! heads (GQA packing).
 //!
-//! PrefillTcWarp (fp16 / bf16), mma.sync.m16n8k16 with fp32 accumulate, per key tile (64 keys,
-//! 32 at head dim 256 to stay in registers).
+//! PrefillTcWarp (fp16 / bf16), per key tile (64 keys, 32 at head dim 256 to stay in registers),
+//! fp32 accumulate, in one of two ways:
+//!   wgmma (sm_90a, head dims 64 and 128): the warp's warpgroup (4 warps, 64 rows) issues
+//!     S = Q K^T as m64n64k16 products with Q and K read from shared memory, then O += P V as
+//!     m64nDk16 products with P in registers and V read from shared memory (wgmma.cuh); tiles in
+//!     64-column blocks (wgmma_tile_offset). The accumulators land in the mma.sync layout below,
+//!     so the masking and online softmax are the same code.
+//!   mma.sync.m16n8k16 (other targets, head dim 256), per warp:
 //! (Row r of a warp has query head kv_head * G + r % G since G divides 8.)
 //! Lane = 4 g + t (g = lane / 4, t = lane % 4).
 //!   S = Q K^T (M = 16 rows, N = 8 keys per n-tile, K = 16 dims per k-step):
@@ -32,6 +38,7 @@
 #include <cstdint>
 
 #include "kvc/attention/decode_primitives.cuh"
+#include "kvc/attention/wgmma.cuh"
 #include "kvc/core/macros.hpp"
 
 namespace kvc::detail {
@@ -46,16 +53,23 @@ KVC_DEVICE std::uint32_t swizzled_address_split(std::uint32_t tile, int row, int
                                            (((chunk & 7) ^ (row & 7)) << 4));
 }
 
-template <class T, int kHeadDim, int kGroupSize, int kKeys, class Variant>
+//! kWgmma: the two products run as warpgroup wgmma instructions (wgmma.cuh) over tiles in the
+//! column-block layout (wgmma_tile_offset) instead of ldmatrix + mma.sync over row-swizzled tiles;
+//! the accumulator fragments, hence the softmax below, are the same. Q of `kQRows` rows.
+template <class T, int kHeadDim, int kGroupSize, int kKeys, class Variant, bool kWgmma = false,
+          int kQRows = 128>
 struct PrefillTcWarp {
   static_assert(kHeadDim % 16 == 0, "head dim must be a multiple of 16");
   static_assert(kKeys % 16 == 0, "key tiles of 16k keys");
+  static_assert(!kWgmma || (kKeys == 64 && (kHeadDim == 64 || kHeadDim == 128)),
+                "the wgmma path has m64n64 products for S and m64n{64,128} for O");
   static constexpr int kSteps = kHeadDim / 16;    // k-steps of S, 16-dim blocks of O
   static constexpr int kDimTiles = kHeadDim / 8;  // n-tiles of O
   static constexpr int kKeyTiles = kKeys / 8;     // n-tiles of S
   static constexpr int kRowBytes = kHeadDim * 2;
-  // Q fragments stay in registers up to head dim 128; at 256 they are re-read every tile.
-  static constexpr bool kQInRegisters = kHeadDim <= 128;
+  // mma.sync: Q fragments stay in registers up to head dim 128; at 256 they are re-read every
+  // tile. wgmma reads Q from shared memory.
+  static constexpr bool kQInRegisters = !kWgmma && kHeadDim <= 128;
   static constexpr int kQRegSteps = kQInRegisters ? kSteps : 1;
 
   std::uint32_t q[kQRegSteps][4];
@@ -84,19 +98,9 @@ struct PrefillTcWarp {
     l[0] = l[1] = 0.0f;
   }
 
-  //! One key tile. `key0` is the item-space index of tile key 0 (the variant's slot index).
-  template <bool kMasked, class Visible>
-  KVC_DEVICE void tile(std::uint32_t k_tile, std::uint32_t v_tile, std::uint32_t q_tile, int row0,
-                       int key0, int lane, Variant const& variant, float scale, float scale_log2,
-                       int batch_row, int q_head0, Visible const& visible) {
-    int const g = lane >> 2;
-    int const t = lane & 3;
-    float s[kKeyTiles][4];
-#pragma unroll
-    for (int n = 0; n < kKeyTiles; ++n) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) s[n][i] = 0.0f;
-    }
+  //! S = Q K^T with ldmatrix + mma.sync (row-swizzled tiles).
+  KVC_DEVICE void mma_scores(float (&s)[kKeyTiles][4], std::uint32_t k_tile, std::uint32_t q_tile,
+                             int row0, int lane) const {
 #pragma unroll
     for (int k = 0; k < kSteps; ++k) {
       std::uint32_t a[4];
@@ -115,8 +119,46 @@ struct PrefillTcWarp {
         mma_m16n8k16<T>(s[2 * nb + 1], a, kb[2], kb[3]);
       }
     }
+  }
 
-    // Logits in log2 units, masked; row maxima over the quad.
+  //! One key tile. `key0` is the item-space index of tile key 0 (the variant's slot index).
+  template <bool kMasked, class Visible>
+  KVC_DEVICE void tile(std::uint32_t k_tile, std::uint32_t v_tile, std::uint32_t q_tile, int row0,
+                       int key0, int lane, Variant const& variant, float scale, float scale_log2,
+                       int batch_row, int q_head0, Visible const& visible) {
+    int const g = lane >> 2;
+    int const t = lane & 3;
+    float s[kKeyTiles][4];
+#pragma unroll
+    for (int n = 0; n < kKeyTiles; ++n) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) s[n][i] = 0.0f;
+    }
+    if constexpr (kWgmma) {
+      // The warpgroup's 64 rows of Q against the tile's keys; 64-dim column blocks of Q and K
+      // hold 4 k-steps each.
+      // (A descriptor's address field counts 16 bytes: a step adds offset / 16.)
+      std::uint64_t const q_desc = wgmma_descriptor(q_tile + (row0 & ~63) * 128, 16, 1024);
+      std::uint64_t const k_desc = wgmma_descriptor(k_tile, 16, 1024);
+      wgmma_fence_operands(s);
+      wgmma_fence();
+#pragma unroll
+      for (int k = 0; k < kSteps; ++k) {
+        int const step = (k & 3) * 32;
+        WgmmaM64<T, kKeys>::ss(s, q_desc + (((k >> 2) * kQRows * 128 + step) >> 4),
+                               k_desc + (((k >> 2) * kKeys * 128 + step) >> 4), 1);
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      wgmma_fence_operands(s);
+    } else {
+      mma_scores(s, k_tile, q_tile, row0, lane);
+    }
+
+    // Logits in log2 units, masked; row maxima over the quad. A plain unmasked tile takes the
+    // maxima of the raw products (scale >= 0 keeps the order) and folds the scale into the
+    // exponent's FMA; the others scale (or transform) each logit first.
+    constexpr bool kRawMax = !kMasked && !Variant::kTransformsLogits;
     float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int n = 0; n < kKeyTiles; ++n) {
@@ -124,13 +166,13 @@ struct PrefillTcWarp {
       for (int i = 0; i < 4; ++i) {
         int const half = i >> 1;
         int const key = 8 * n + 2 * t + (i & 1);
-        float value;
+        float value = s[n][i];
         if constexpr (Variant::kTransformsLogits) {
-          value = variant.logits_transform(s[n][i] * scale, batch_row, q_head0 + g % kGroupSize,
+          value = variant.logits_transform(value * scale, batch_row, q_head0 + g % kGroupSize,
                                            key0 + key) *
                   kLog2e;
-        } else {
-          value = s[n][i] * scale_log2;
+        } else if constexpr (!kRawMax) {
+          value *= scale_log2;
         }
         if constexpr (kMasked) {
           if (!visible(g + 8 * half, key)) value = -INFINITY;
@@ -146,6 +188,7 @@ struct PrefillTcWarp {
       float top = tile_max[half];
       top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, 1));
       top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, 2));
+      if constexpr (kRawMax) top *= scale_log2;  // (a raw maximum is finite: no key is masked)
       float const m_new = fmaxf(m[half], top);
       m_use[half] = m_new == -INFINITY ? 0.0f : m_new;  // nothing visible yet: p = 0, alpha = 0
       alpha[half] = exp2_approx(m[half] - m_use[half]);
@@ -156,34 +199,60 @@ struct PrefillTcWarp {
     for (int n = 0; n < kKeyTiles; ++n) {
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        s[n][i] = exp2_approx(s[n][i] - m_use[i >> 1]);
+        if constexpr (kRawMax) {
+          s[n][i] = exp2_approx(fmaf(s[n][i], scale_log2, -m_use[i >> 1]));
+        } else {
+          s[n][i] = exp2_approx(s[n][i] - m_use[i >> 1]);
+        }
         sum[i >> 1] += s[n][i];
       }
     }
     l[0] = l[0] * alpha[0] + sum[0];
     l[1] = l[1] * alpha[1] + sum[1];
+    // Rescale O only when a row maximum of the warp moved (alpha is exactly 1 otherwise).
+    if (__any_sync(0xffffffffu, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
 #pragma unroll
-    for (int n = 0; n < kDimTiles; ++n) {
-      o[n][0] *= alpha[0];
-      o[n][1] *= alpha[0];
-      o[n][2] *= alpha[1];
-      o[n][3] *= alpha[1];
+      for (int n = 0; n < kDimTiles; ++n) {
+        o[n][0] *= alpha[0];
+        o[n][1] *= alpha[0];
+        o[n][2] *= alpha[1];
+        o[n][3] *= alpha[1];
+      }
     }
 
-    // O += P V.
+    // O += P V: P is S rounded to 16 bits, a k16 step's A fragment two n-tiles of it.
+    std::uint32_t p[kKeyTiles / 2][4];
 #pragma unroll
     for (int kk = 0; kk < kKeyTiles / 2; ++kk) {
-      std::uint32_t const a[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]),
-                                  pack2<T>(s[2 * kk][2], s[2 * kk][3]),
-                                  pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                                  pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-      int const row = 16 * kk + (((lane >> 3) & 1) << 3) + (lane & 7);
+      p[kk][0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+      p[kk][1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+      p[kk][2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      p[kk][3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+    }
+    if constexpr (kWgmma) {
+      // V [keys][dims] is the N-major B operand: 16 keys (two 8-key groups) per k-step.
+      std::uint64_t const v_desc = wgmma_descriptor(v_tile, kKeys * 128, 1024);
+      wgmma_fence_operands(o);
+      wgmma_fence();
 #pragma unroll
-      for (int j = 0; j < kSteps; ++j) {
-        std::uint32_t vb[4];
-        ldmatrix_x4_trans(vb, swizzled_address_split<kRowBytes>(v_tile, row, 2 * j + (lane >> 4)));
-        mma_m16n8k16<T>(o[2 * j], a, vb[0], vb[1]);
-        mma_m16n8k16<T>(o[2 * j + 1], a, vb[2], vb[3]);
+      for (int kk = 0; kk < kKeyTiles / 2; ++kk) {
+        WgmmaM64<T, kHeadDim>::rs_b_mn(o, p[kk], v_desc + ((kk * 16 * 128) >> 4), 1);
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      wgmma_fence_operands(o);
+    } else {
+#pragma unroll
+      for (int kk = 0; kk < kKeyTiles / 2; ++kk) {
+        int const row = 16 * kk + (((lane >> 3) & 1) << 3) + (lane & 7);
+#pragma unroll
+        for (int j = 0; j < kSteps; ++j) {
+          std::uint32_t vb[4];
+          ldmatrix_x4_trans(vb,
+                            swizzled_address_split<kRowBytes>(v_tile, row, 2 * j + (lane >> 4)));
+          mma_m16n8k16<T>(o[2 * j], p[kk], vb[0], vb[1]);
+          mma_m16n8k16<T>(o[2 * j + 1], p[kk], vb[2], vb[3]);
+        }
       }
     }
   }
