@@ -68,7 +68,13 @@ struct PrefillTraits {
   static constexpr int kTileBytes = kKeys * kRowBytes;
   static constexpr int kStageBytes = 2 * kTileBytes;
   // 16-bit: Q 16/32/64 KB + stages of 16/32/32 KB; fp32: Q 16/32/64 KB + stages of 16/32/64 KB.
-  static constexpr int kStages = kHeadDim == 256 ? 2 : (kTensorCores || kHeadDim == 64 ? 3 : 2);
+  // 16-bit head dims 64 and 128 keep 4 stages (the same on every target, as the host sizes the
+  // shared memory): the pipelined wgmma loop holds two tiles and loads two ahead.
+  static constexpr int kStages =
+      kHeadDim == 256 ? 2 : (kTensorCores ? 4 : (kHeadDim == 64 ? 3 : 2));
+  // Tiles loaded ahead of the one being computed: the pipelined loop still reads the previous
+  // tile's V while it computes a tile, so one stage fewer.
+  static constexpr int kAhead = kWgmma ? kStages - 2 : kStages - 1;
   static constexpr int kCopies = kKeys * kChunks / kThreads;
   static constexpr int kQCopies = kRows * kChunks / kThreads;
 
@@ -231,6 +237,7 @@ KVC_GLOBAL void __launch_bounds__(PrefillTraits<T, kHeadDim, kGroupSize>::kThrea
       PrefillSimtWarp<kHeadDim, kGroupSize, Variant>>;
   constexpr int kThreads = Traits::kThreads;
   constexpr int kStages = Traits::kStages;
+  constexpr int kAhead = Traits::kAhead;
   constexpr int kKeys = Traits::kKeys;
   constexpr int kChunks = Traits::kChunks;
   constexpr int kElems = Traits::kElems;
@@ -325,9 +332,9 @@ KVC_GLOBAL void __launch_bounds__(PrefillTraits<T, kHeadDim, kGroupSize>::kThrea
                     .visible_through[(static_cast<long long>(item.token0) + token) * hkv + kv_head];
     }
 
-    // Prologue: tiles 0 .. kStages - 2, one commit group each (the first also holds Q).
+    // Prologue: tiles 0 .. kAhead - 1, one commit group each (the first also holds Q).
 #pragma unroll 1
-    for (int s = 0; s < kStages - 1; ++s) {
+    for (int s = 0; s < kAhead; ++s) {
       if (s < tiles && tid < kKeys) {
         long long source;
         unsigned char flag;
@@ -348,19 +355,19 @@ KVC_GLOBAL void __launch_bounds__(PrefillTraits<T, kHeadDim, kGroupSize>::kThrea
     int const own_shift = compact ? item.tile_token - item.compact : 0;
     long long next_source = -1;
     unsigned char next_flag = 0;
-    if (kStages - 1 < tiles && tid < kKeys) {
-      prefill_key_source(args, item, kv_head, pages, item.begin + (kStages - 1) * kKeys + tid,
-                         next_source, next_flag);
+    if (kAhead < tiles && tid < kKeys) {
+      prefill_key_source(args, item, kv_head, pages, item.begin + kAhead * kKeys + tid, next_source,
+                         next_flag);
     }
 
 #pragma unroll 1
     for (int t = 0; t < tiles; ++t) {
-      int const ahead = t + kStages - 1;
+      int const ahead = t + kAhead;
       int const ahead_stage = ahead % kStages;
       if (ahead < tiles && tid < kKeys) {
         s_src[ahead_stage * kKeys + tid] = prefill_source_row(args, next_source);
       }
-      cp_async_wait<kStages - 2>();
+      cp_async_wait<kAhead - 1>();
       if constexpr (Traits::kWgmma) fence_proxy_async_shared();  // wgmma reads the tiles
       __syncthreads();
       if (ahead < tiles) {
@@ -415,7 +422,24 @@ KVC_GLOBAL void __launch_bounds__(PrefillTraits<T, kHeadDim, kGroupSize>::kThrea
                ((chunk_key < 0) | ((chunk_key < own_first) & (chunk_key < limit) & flag) |
                 ((chunk_key + own_shift == query) & (flag | !compact)));
       };
-      if constexpr (Traits::kTensorCores) {
+      if constexpr (Traits::kWgmma) {
+        // S of this tile beside O += P V of the previous one (whose stage is loaded again only
+        // in the next iteration, after the barrier).
+        std::uint32_t const k_address = smem_address(k_tile);
+        std::uint32_t const v_previous =
+            smem_address(smem + Traits::kStagesOffset +
+                         ((t + kStages - 1) % kStages) * Traits::kStageBytes) +
+            kTileBytes;
+        if (masked) {
+          state.template step<true>(k_address, v_previous, t > 0, smem_address(q_tile), row0, key0,
+                                    lane, variant, args.scale, args.scale_log2, batch_row, q_head0,
+                                    visible);
+        } else {
+          state.template step<false>(k_address, v_previous, t > 0, smem_address(q_tile), row0, key0,
+                                     lane, variant, args.scale, args.scale_log2, batch_row, q_head0,
+                                     visible);
+        }
+      } else if constexpr (Traits::kTensorCores) {
         std::uint32_t const k_address = smem_address(k_tile);
         if (masked) {
           state.template tile<true>(k_address, k_address + kTileBytes, smem_address(q_tile), row0,
@@ -434,6 +458,14 @@ KVC_GLOBAL void __launch_bounds__(PrefillTraits<T, kHeadDim, kGroupSize>::kThrea
           state.template tile<false>(k_tile, k_tile + kTileBytes, q_tile, row0, key0, lane, variant,
                                      args.scale, args.scale_log2, batch_row, q_head0, visible);
         }
+      }
+    }
+
+    if constexpr (Traits::kWgmma) {
+      if (tiles > 0) {
+        state.drain(smem_address(smem + Traits::kStagesOffset +
+                                 ((tiles - 1) % kStages) * Traits::kStageBytes) +
+                    kTileBytes);
       }
     }
 

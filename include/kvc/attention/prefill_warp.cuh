@@ -73,6 +73,7 @@ struct PrefillTcWarp {
   static constexpr int kQRegSteps = kQInRegisters ? kSteps : 1;
 
   std::uint32_t q[kQRegSteps][4];
+  std::uint32_t p_kept[kWgmma ? kKeyTiles / 2 : 1][4];  // wgmma: the last stepped tile's P
   float o[kDimTiles][4];
   float m[2];  // running max of rows g, g + 8 (log2 units, quad-uniform)
   float l[2];  // this lane's share of their running sums
@@ -102,6 +103,11 @@ struct PrefillTcWarp {
   KVC_DEVICE void mma_scores(float (&s)[kKeyTiles][4], std::uint32_t k_tile, std::uint32_t q_tile,
                              int row0, int lane) const {
 #pragma unroll
+    for (int n = 0; n < kKeyTiles; ++n) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) s[n][i] = 0.0f;
+    }
+#pragma unroll
     for (int k = 0; k < kSteps; ++k) {
       std::uint32_t a[4];
       if constexpr (kQInRegisters) {
@@ -121,43 +127,55 @@ struct PrefillTcWarp {
     }
   }
 
-  //! One key tile. `key0` is the item-space index of tile key 0 (the variant's slot index).
+  //! wgmma: issues S = Q K^T for the warpgroup's 64 rows (overwriting s) as one commit group.
+  //! Q and K are 64-dim column blocks of 4 k-steps each; a descriptor's address field counts
+  //! 16 bytes, so a step adds its byte offset / 16.
+  KVC_DEVICE static void issue_scores(float (&s)[kKeyTiles][4], std::uint32_t k_tile,
+                                      std::uint32_t q_tile, int row0) {
+    std::uint64_t const q_desc = wgmma_descriptor(q_tile + (row0 & ~63) * 128, 16, 1024);
+    std::uint64_t const k_desc = wgmma_descriptor(k_tile, 16, 1024);
+#pragma unroll
+    for (int k = 0; k < kSteps; ++k) {
+      int const step = (k & 3) * 32;
+      WgmmaM64<T, kKeys>::ss(s, q_desc + (((k >> 2) * kQRows * 128 + step) >> 4),
+                             k_desc + (((k >> 2) * kKeys * 128 + step) >> 4), k > 0 ? 1 : 0);
+    }
+    wgmma_commit();
+  }
+
+  //! wgmma: issues O += P V (V [keys][dims] is the N-major B operand, 16 keys per k-step) as one
+  //! commit group.
+  KVC_DEVICE void issue_pv(std::uint32_t const (&p)[kKeyTiles / 2][4], std::uint32_t v_tile) {
+    std::uint64_t const v_desc = wgmma_descriptor(v_tile, kKeys * 128, 1024);
+#pragma unroll
+    for (int kk = 0; kk < kKeyTiles / 2; ++kk) {
+      WgmmaM64<T, kHeadDim>::rs_b_mn(o, p[kk], v_desc + ((kk * 16 * 128) >> 4), 1);
+    }
+    wgmma_commit();
+  }
+
+  //! P as the A fragments of O += P V: a k16 step is two n-tiles of S rounded to 16 bits.
+  KVC_DEVICE static void pack_probabilities(float const (&s)[kKeyTiles][4],
+                                            std::uint32_t (&p)[kKeyTiles / 2][4]) {
+#pragma unroll
+    for (int kk = 0; kk < kKeyTiles / 2; ++kk) {
+      p[kk][0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+      p[kk][1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+      p[kk][2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      p[kk][3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+    }
+  }
+
+  //! Online softmax of one tile's products: s becomes the probabilities (relative to the new row
+  //! maxima), m and l move on, and alpha is the factor O must be rescaled by. A plain unmasked
+  //! tile takes the maxima of the raw products (scale >= 0 keeps the order) and folds the scale
+  //! into the exponent's FMA; the others scale (or transform) each logit first.
   template <bool kMasked, class Visible>
-  KVC_DEVICE void tile(std::uint32_t k_tile, std::uint32_t v_tile, std::uint32_t q_tile, int row0,
-                       int key0, int lane, Variant const& variant, float scale, float scale_log2,
-                       int batch_row, int q_head0, Visible const& visible) {
+  KVC_DEVICE void softmax(float (&s)[kKeyTiles][4], float (&alpha)[2], int key0, int lane,
+                          Variant const& variant, float scale, float scale_log2, int batch_row,
+                          int q_head0, Visible const& visible) {
     int const g = lane >> 2;
     int const t = lane & 3;
-    float s[kKeyTiles][4];
-#pragma unroll
-    for (int n = 0; n < kKeyTiles; ++n) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) s[n][i] = 0.0f;
-    }
-    if constexpr (kWgmma) {
-      // The warpgroup's 64 rows of Q against the tile's keys; 64-dim column blocks of Q and K
-      // hold 4 k-steps each.
-      // (A descriptor's address field counts 16 bytes: a step adds offset / 16.)
-      std::uint64_t const q_desc = wgmma_descriptor(q_tile + (row0 & ~63) * 128, 16, 1024);
-      std::uint64_t const k_desc = wgmma_descriptor(k_tile, 16, 1024);
-      wgmma_fence_operands(s);
-      wgmma_fence();
-#pragma unroll
-      for (int k = 0; k < kSteps; ++k) {
-        int const step = (k & 3) * 32;
-        WgmmaM64<T, kKeys>::ss(s, q_desc + (((k >> 2) * kQRows * 128 + step) >> 4),
-                               k_desc + (((k >> 2) * kKeys * 128 + step) >> 4), 1);
-      }
-      wgmma_commit();
-      wgmma_wait<0>();
-      wgmma_fence_operands(s);
-    } else {
-      mma_scores(s, k_tile, q_tile, row0, lane);
-    }
-
-    // Logits in log2 units, masked; row maxima over the quad. A plain unmasked tile takes the
-    // maxima of the raw products (scale >= 0 keeps the order) and folds the scale into the
-    // exponent's FMA; the others scale (or transform) each logit first.
     constexpr bool kRawMax = !kMasked && !Variant::kTransformsLogits;
     float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
@@ -181,7 +199,6 @@ struct PrefillTcWarp {
         tile_max[half] = fmaxf(tile_max[half], value);
       }
     }
-    float alpha[2];
     float m_use[2];
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
@@ -209,7 +226,10 @@ struct PrefillTcWarp {
     }
     l[0] = l[0] * alpha[0] + sum[0];
     l[1] = l[1] * alpha[1] + sum[1];
-    // Rescale O only when a row maximum of the warp moved (alpha is exactly 1 otherwise).
+  }
+
+  //! O *= alpha per row, skipped when no row maximum of the warp moved (alpha exactly 1).
+  KVC_DEVICE void rescale(float const (&alpha)[2]) {
     if (__any_sync(0xffffffffu, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
 #pragma unroll
       for (int n = 0; n < kDimTiles; ++n) {
@@ -219,42 +239,70 @@ struct PrefillTcWarp {
         o[n][3] *= alpha[1];
       }
     }
+  }
 
-    // O += P V: P is S rounded to 16 bits, a k16 step's A fragment two n-tiles of it.
+  //! One key tile, start to end (mma.sync). `key0` is the item-space index of tile key 0 (the
+  //! variant's slot index).
+  template <bool kMasked, class Visible>
+  KVC_DEVICE void tile(std::uint32_t k_tile, std::uint32_t v_tile, std::uint32_t q_tile, int row0,
+                       int key0, int lane, Variant const& variant, float scale, float scale_log2,
+                       int batch_row, int q_head0, Visible const& visible) {
+    static_assert(!kWgmma, "the wgmma path runs pipelined: step() and drain()");
+    float s[kKeyTiles][4];
+    mma_scores(s, k_tile, q_tile, row0, lane);
+    float alpha[2];
+    softmax<kMasked>(s, alpha, key0, lane, variant, scale, scale_log2, batch_row, q_head0, visible);
+    rescale(alpha);
     std::uint32_t p[kKeyTiles / 2][4];
+    pack_probabilities(s, p);
 #pragma unroll
     for (int kk = 0; kk < kKeyTiles / 2; ++kk) {
-      p[kk][0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
-      p[kk][1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
-      p[kk][2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      p[kk][3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-    }
-    if constexpr (kWgmma) {
-      // V [keys][dims] is the N-major B operand: 16 keys (two 8-key groups) per k-step.
-      std::uint64_t const v_desc = wgmma_descriptor(v_tile, kKeys * 128, 1024);
-      wgmma_fence_operands(o);
-      wgmma_fence();
+      int const row = 16 * kk + (((lane >> 3) & 1) << 3) + (lane & 7);
 #pragma unroll
-      for (int kk = 0; kk < kKeyTiles / 2; ++kk) {
-        WgmmaM64<T, kHeadDim>::rs_b_mn(o, p[kk], v_desc + ((kk * 16 * 128) >> 4), 1);
+      for (int j = 0; j < kSteps; ++j) {
+        std::uint32_t vb[4];
+        ldmatrix_x4_trans(vb, swizzled_address_split<kRowBytes>(v_tile, row, 2 * j + (lane >> 4)));
+        mma_m16n8k16<T>(o[2 * j], p[kk], vb[0], vb[1]);
+        mma_m16n8k16<T>(o[2 * j + 1], p[kk], vb[2], vb[3]);
       }
-      wgmma_commit();
-      wgmma_wait<0>();
-      wgmma_fence_operands(o);
+    }
+  }
+
+  //! wgmma, software-pipelined across tiles: S of this tile (k_tile) runs beside O += P V of the
+  //! previous one (v_previous, when has_previous), and the softmax of this tile runs while that
+  //! product is still in flight; this tile's P is kept for the next step (or drain()). The
+  //! previous tile's V must stay in shared memory until this returns.
+  template <bool kMasked, class Visible>
+  KVC_DEVICE void step(std::uint32_t k_tile, std::uint32_t v_previous, bool has_previous,
+                       std::uint32_t q_tile, int row0, int key0, int lane, Variant const& variant,
+                       float scale, float scale_log2, int batch_row, int q_head0,
+                       Visible const& visible) {
+    float s[kKeyTiles][4];
+    wgmma_fence_operands(o);
+    wgmma_fence();
+    issue_scores(s, k_tile, q_tile, row0);
+    if (has_previous) {
+      issue_pv(p_kept, v_previous);
     } else {
-#pragma unroll
-      for (int kk = 0; kk < kKeyTiles / 2; ++kk) {
-        int const row = 16 * kk + (((lane >> 3) & 1) << 3) + (lane & 7);
-#pragma unroll
-        for (int j = 0; j < kSteps; ++j) {
-          std::uint32_t vb[4];
-          ldmatrix_x4_trans(vb,
-                            swizzled_address_split<kRowBytes>(v_tile, row, 2 * j + (lane >> 4)));
-          mma_m16n8k16<T>(o[2 * j], p[kk], vb[0], vb[1]);
-          mma_m16n8k16<T>(o[2 * j + 1], p[kk], vb[2], vb[3]);
-        }
-      }
+      wgmma_commit();  // an empty group in its place, so that the wait below counts the same
     }
+    wgmma_wait<1>();  // the scores' group, the older of the two, is complete
+    wgmma_fence_operands(s);
+    float alpha[2];
+    softmax<kMasked>(s, alpha, key0, lane, variant, scale, scale_log2, batch_row, q_head0, visible);
+    wgmma_wait<0>();
+    wgmma_fence_operands(o);
+    rescale(alpha);
+    pack_probabilities(s, p_kept);
+  }
+
+  //! wgmma: O += P V of the last tile stepped (v_last) and waits for it.
+  KVC_DEVICE void drain(std::uint32_t v_last) {
+    wgmma_fence_operands(o);
+    wgmma_fence();
+    issue_pv(p_kept, v_last);
+    wgmma_wait<0>();
+    wgmma_fence_operands(o);
   }
 
   //! Calls fn(row_in_warp, lse2) once per row (lse2 = -inf when the row saw no key) and
