@@ -21,6 +21,7 @@
 #include <cuda_runtime.h>
 
 #include "kvc/attention/decode_primitives.cuh"
+#include "kvc/attention/mbarrier.cuh"
 #include "kvc/attention/params.hpp"
 #include "kvc/attention/prefill_params.hpp"
 #include "kvc/attention/prefill_plan.cuh"
@@ -55,9 +56,17 @@ struct PrefillTraits {
   // take mma.sync) for head dims 64 and 128; 256 stays on mma.sync.
   static constexpr bool kWgmma = kHasWgmma && kTensorCores && kHeadDim <= 128;
   // 16-bit: 8 warps, q tiles of 128 rows (one CTA per SM at D >= 128, 8 warps sharing every K/V
-  // tile); fp32: 4 warps, 64 rows.
+  // tile); fp32: 4 warps, 64 rows. kWarps counts the warps that compute (consumers).
   static constexpr int kWarps = kTensorCores ? 8 : 4;
-  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kConsumerThreads = 32 * kWarps;
+  // 16-bit head dims 64 and 128: one more warpgroup, the producer, claims the items and loads Q
+  // and the K / V tiles through a ring of stages with shared-memory barriers, so the computing
+  // warps never stop at a CTA barrier and drift apart (one warpgroup's products overlap the
+  // other's softmax). The other instances: every thread loads, one CTA barrier per tile.
+  static constexpr bool kProducerWarp = kTensorCores && kHeadDim <= 128;
+  static constexpr int kProducerThreads = kProducerWarp ? 128 : 0;
+  static constexpr int kThreads = kConsumerThreads + kProducerThreads;
+  static constexpr int kLoaderThreads = kProducerWarp ? kProducerThreads : kConsumerThreads;
   static constexpr int kRows = kWarps * kPrefillWarpRows;  // query rows per q tile
   static constexpr int kTokens = kRows / kGroupSize;
   static constexpr int kKeys = kTensorCores && kHeadDim < 256 ? 64 : 32;  // keys per K/V tile
@@ -75,21 +84,31 @@ struct PrefillTraits {
   // Tiles loaded ahead of the one being computed: the pipelined loop still reads the previous
   // tile's V while it computes a tile, so one stage fewer.
   static constexpr int kAhead = kWgmma ? kStages - 2 : kStages - 1;
-  static constexpr int kCopies = kKeys * kChunks / kThreads;
-  static constexpr int kQCopies = kRows * kChunks / kThreads;
+  static constexpr int kCopies = kKeys * kChunks / kLoaderThreads;
+  static constexpr int kQCopies = kRows * kChunks / kLoaderThreads;
+  // Q buffers: the producer loads the next item's Q while the consumers finish an item.
+  static constexpr int kQBuffers = kProducerWarp ? 2 : 1;
 
   static constexpr int align16(int bytes) { return (bytes + 15) / 16 * 16; }
-  static constexpr int kStagesOffset = kQBytes;
+  static constexpr int kStagesOffset = kQBuffers * kQBytes;
   static constexpr int kSrcOffset =
       kStagesOffset + kStages * kStageBytes;  // PrefillSourceRow<T> [stages][keys]
   static constexpr int kFlagOffset = kSrcOffset + kStages * kKeys * 16;    // uint8 [stages][keys]
   static constexpr int kWOffset = align16(kFlagOffset + kStages * kKeys);  // float [warps][64]
   static constexpr int kMiscOffset = kWOffset + kWarps * kPrefillMaxSplits * 4;  // int [4]
-  static constexpr int kLimitOffset = kMiscOffset + 16;  // int [rows]: keys below are seen
+  static constexpr int kLimitOffset =
+      kMiscOffset + 16;  // int [Q buffers][rows]: keys below are seen
+  // Producer path: barriers (uint64 full[stages], empty[stages], item_full[2], item_empty[2])
+  // and the two item slots (PrefillWorkItem [2], then int index [2]).
+  static constexpr int kBarrierOffset = align16(kLimitOffset + kQBuffers * kRows * 4);
+  static constexpr int kItemOffset = kBarrierOffset + (kProducerWarp ? (2 * kStages + 4) * 8 : 0);
+  static constexpr int kItemIndexOffset =
+      kItemOffset + (kProducerWarp ? 2 * static_cast<int>(sizeof(PrefillWorkItem)) : 0);
+  static constexpr int kEndOffset = kItemIndexOffset + (kProducerWarp ? 16 : 0);
   // + 1 KB: the wgmma tiles' 1024-byte alignment is made at run time (every 16-bit instance keeps
   // the slack, so that the host's size agrees with every device pass).
   static constexpr int kAlignSlack = kTensorCores ? 1024 : 0;
-  static constexpr int kSmemBytes = kLimitOffset + kRows * 4 + kAlignSlack;
+  static constexpr int kSmemBytes = kEndOffset + kAlignSlack;
 
   //! Byte offset of 16-byte chunk c of row r in a Q or K / V tile of `rows` rows: 64-column
   //! blocks for wgmma, else rows of kRowBytes; both swizzle the chunk by the row (& 7).
@@ -108,7 +127,7 @@ struct PrefillTraits {
   static_assert(kChunks >= 8 && kChunks % 8 == 0, "the swizzle needs rows of 8k 16-byte chunks");
   static_assert(kPrefillKeyQuantum % kKeys == 0, "splits must hold whole tiles");
   static_assert(kKeys == 32 || kKeys == 64, "a tile's mask flags are one or two warp ballots");
-  static_assert((kKeys * kChunks) % kThreads == 0 && (kRows * kChunks) % kThreads == 0,
+  static_assert((kKeys * kChunks) % kLoaderThreads == 0 && (kRows * kChunks) % kLoaderThreads == 0,
                 "copies per thread");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory above the sm_90 limit");
 };
@@ -235,7 +254,6 @@ KVC_GLOBAL void __launch_bounds__(PrefillTraits<T, kHeadDim, kGroupSize>::kThrea
                     PrefillTraits<T, kHeadDim, kGroupSize>::kWgmma,
                     PrefillTraits<T, kHeadDim, kGroupSize>::kRows>,
       PrefillSimtWarp<kHeadDim, kGroupSize, Variant>>;
-  constexpr int kThreads = Traits::kThreads;
   constexpr int kStages = Traits::kStages;
   constexpr int kAhead = Traits::kAhead;
   constexpr int kKeys = Traits::kKeys;
@@ -243,17 +261,23 @@ KVC_GLOBAL void __launch_bounds__(PrefillTraits<T, kHeadDim, kGroupSize>::kThrea
   constexpr int kElems = Traits::kElems;
   constexpr int kTileBytes = Traits::kTileBytes;
   constexpr int kRows = Traits::kRows;
+  constexpr int kLoaders = Traits::kLoaderThreads;
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
   unsigned char* const smem =
       smem_raw + (Traits::kWgmma ? (1024 - (smem_address(smem_raw) & 1023)) & 1023 : 0);
-  unsigned char* const q_tile = smem;  // T [kRows][D] (Traits::tile_offset)
+  // T [Q buffers][kRows][D] (Traits::tile_offset)
+  auto q_tile_of = [&](int buffer) { return smem + buffer * Traits::kQBytes; };
+  // Stage s: K tile, then V tile (T [kKeys][D] each).
+  auto stage_of = [&](int stage) {
+    return smem + Traits::kStagesOffset + stage * Traits::kStageBytes;
+  };
   PrefillSourceRow<T>* const s_src =
       reinterpret_cast<PrefillSourceRow<T>*>(smem + Traits::kSrcOffset);  // [stages][keys]
   unsigned char* const s_flag = smem + Traits::kFlagOffset;              // [stages][keys]
   float* const s_w = reinterpret_cast<float*>(smem + Traits::kWOffset);  // [warps][64] weights
-  int* const s_misc = reinterpret_cast<int*>(smem + Traits::kMiscOffset);
-  int* const s_limit = reinterpret_cast<int*>(smem + Traits::kLimitOffset);  // [kRows]
+  int* const s_misc = reinterpret_cast<int*>(smem + Traits::kMiscOffset);     // [4]
+  int* const s_limits = reinterpret_cast<int*>(smem + Traits::kLimitOffset);  // [buffers][rows]
 
   // Everything below reads what the plan kernel wrote.
   grid_dependency_wait();
@@ -266,210 +290,151 @@ KVC_GLOBAL void __launch_bounds__(PrefillTraits<T, kHeadDim, kGroupSize>::kThrea
   PrefillWorkspace const& ws = args.ws;
   int const num_items = ws.counters[0];
   Variant const variant = make_prefill_variant<Variant>(args);
-  Warp state;
 
-#pragma unroll 1
-  for (;;) {
-    if (tid == 0) s_misc[0] = atomicAdd(ws.counters + 1, 1);
-    __syncthreads();
-    int const index = s_misc[0];
-    if (index >= num_items) break;
-    PrefillWorkItem const item = ws.items[index];
-    int const batch_row = item.pair / hkv;
-    int const kv_head = item.pair - batch_row * hkv;
-    int const q_head0 = kv_head * kGroupSize;
-    int const tiles = (item.end - item.begin + kKeys - 1) / kKeys;
-    std::int32_t const* pages =
-        item.cache_head >= 0
-            ? args.page_table + static_cast<long long>(item.cache_head) * args.max_pages_per_head
-            : nullptr;
-
-    // cp.async of tile `tile` into `stage` from the rows in s_src[stage].
-    auto issue = [&](int stage) {
-      std::uint32_t const k_dst =
-          smem_address(smem + Traits::kStagesOffset + stage * Traits::kStageBytes);
-      std::uint32_t const v_dst = k_dst + kTileBytes;
-      PrefillSourceRow<T> const* rows = s_src + stage * kKeys;
-#pragma unroll
-      for (int i = 0; i < Traits::kCopies; ++i) {
-        int const id = tid + i * kThreads;
-        int const r = id / kChunks;
-        int const c = id - r * kChunks;
-        PrefillSourceRow<T> const row = rows[r];
-        bool const valid = row.k != nullptr;
-        std::uint32_t const offset = static_cast<std::uint32_t>(Traits::tile_offset(kKeys, r, c));
-        cp_async_16(k_dst + offset, valid ? row.k + c * kElems : args.k, valid);
-        cp_async_16(v_dst + offset, valid ? row.v + c * kElems : args.v, valid);
-      }
-    };
-
-    // Q tile: row r is token tile_token + r / G, query head q_head0 + r % G (zero past the chunk).
-    {
-      std::uint32_t const q_dst = smem_address(q_tile);
-#pragma unroll
-      for (int i = 0; i < Traits::kQCopies; ++i) {
-        int const id = tid + i * kThreads;
-        int const r = id / kChunks;
-        int const c = id - r * kChunks;
-        int const token = item.tile_token + r / kGroupSize;
-        bool const valid = token < item.num_tokens;
-        long long const row = (static_cast<long long>(item.token0) + (valid ? token : 0)) * hq +
-                              q_head0 + r % kGroupSize;
-        cp_async_16(q_dst + static_cast<std::uint32_t>(Traits::tile_offset(kRows, r, c)),
-                    args.q + row * kHeadDim + c * kElems, valid);
-      }
-    }
-
-    // Each row's key bound: without compaction its token (chunk keys before it are seen when
-    // flagged), with compaction V(token + 1) (compacted keys below are seen); read after the
-    // prologue's barrier.
-    for (int r = tid; r < kRows; r += kThreads) {
+  // ---- Helpers of both loops. `first` / `stride`: this thread's share of the loading threads.
+  // Page-table row of the item's prefix (nullptr without one).
+  auto pages_of = [&](PrefillWorkItem const& item) -> std::int32_t const* {
+    return item.cache_head >= 0
+               ? args.page_table + static_cast<long long>(item.cache_head) * args.max_pages_per_head
+               : nullptr;
+  };
+  // Q tile: row r is token tile_token + r / G, query head q_head0 + r % G (zero past the chunk).
+  auto load_q = [&](unsigned char* q_tile, PrefillWorkItem const& item, int first) {
+    int const q_head0 = (item.pair % hkv) * kGroupSize;
+    std::uint32_t const q_dst = smem_address(q_tile);
+#pragma unroll 4
+    for (int i = 0; i < Traits::kQCopies; ++i) {
+      int const id = first + i * kLoaders;
+      int const r = id / kChunks;
+      int const c = id - r * kChunks;
       int const token = item.tile_token + r / kGroupSize;
-      s_limit[r] =
+      bool const valid = token < item.num_tokens;
+      long long const row = (static_cast<long long>(item.token0) + (valid ? token : 0)) * hq +
+                            q_head0 + r % kGroupSize;
+      cp_async_16(q_dst + static_cast<std::uint32_t>(Traits::tile_offset(kRows, r, c)),
+                  args.q + row * kHeadDim + c * kElems, valid);
+    }
+  };
+  // Each row's key bound: without compaction its token (chunk keys before it are seen when
+  // flagged), with compaction V(token + 1) (compacted keys below are seen).
+  auto fill_limits = [&](int* limits, PrefillWorkItem const& item, int first, int stride) {
+    int const kv_head = item.pair % hkv;
+    for (int r = first; r < kRows; r += stride) {
+      int const token = item.tile_token + r / kGroupSize;
+      limits[r] =
           item.compact < 0 || token >= item.num_tokens
               ? token
               : args.ws
                     .visible_through[(static_cast<long long>(item.token0) + token) * hkv + kv_head];
     }
-
-    // Prologue: tiles 0 .. kAhead - 1, one commit group each (the first also holds Q).
-#pragma unroll 1
-    for (int s = 0; s < kAhead; ++s) {
-      if (s < tiles && tid < kKeys) {
-        long long source;
-        unsigned char flag;
-        prefill_key_source(args, item, kv_head, pages, item.begin + s * kKeys + tid, source, flag);
-        s_src[s * kKeys + tid] = prefill_source_row(args, source);
-        s_flag[s * kKeys + tid] = flag;
-      }
-      __syncthreads();
-      if (s < tiles) issue(s);
-      cp_async_commit();
+  };
+  // cp.async of a K / V tile into `stage` from the rows in s_src[stage].
+  auto issue = [&](int stage, int first) {
+    std::uint32_t const k_dst = smem_address(stage_of(stage));
+    std::uint32_t const v_dst = k_dst + kTileBytes;
+    PrefillSourceRow<T> const* rows = s_src + stage * kKeys;
+#pragma unroll
+    for (int i = 0; i < Traits::kCopies; ++i) {
+      int const id = first + i * kLoaders;
+      int const r = id / kChunks;
+      int const c = id - r * kChunks;
+      PrefillSourceRow<T> const row = rows[r];
+      bool const valid = row.k != nullptr;
+      std::uint32_t const offset = static_cast<std::uint32_t>(Traits::tile_offset(kKeys, r, c));
+      cp_async_16(k_dst + offset, valid ? row.k + c * kElems : args.k, valid);
+      cp_async_16(v_dst + offset, valid ? row.v + c * kElems : args.v, valid);
     }
+  };
+  // One key tile of the warp: `flags` are the tile's mask flags, `limits` the q tile's row
+  // bounds; v_previous / has_previous feed the pipelined wgmma step.
+  auto compute_tile = [&](Warp& state, PrefillWorkItem const& item, int const* limits,
+                          unsigned char const* flags, int stage, int t, std::uint32_t q_address,
+                          std::uint32_t v_previous) {
+    int const batch_row = item.pair / hkv;
+    int const q_head0 = (item.pair - batch_row * hkv) * kGroupSize;
+    int const key0 = item.begin + t * kKeys;
+    int const row0 = warp * kPrefillWarpRows;
+    unsigned char* const k_tile = stage_of(stage);
     // Item-space chunk keys below `open_below` are seen by every row of the q tile; compacted
     // keys start at 0 and the tile's own keys at `own_first` (both in chunk-key units), the
     // token of own key c being c + own_shift.
     bool const compact = item.compact >= 0;
-    int const open_below = compact ? s_limit[0] : item.tile_token + 1;
+    int const open_below = compact ? limits[0] : item.tile_token + 1;
     int const own_first = compact ? item.compact : INT_MAX;
     int const own_shift = compact ? item.tile_token - item.compact : 0;
-    long long next_source = -1;
-    unsigned char next_flag = 0;
-    if (kAhead < tiles && tid < kKeys) {
-      prefill_key_source(args, item, kv_head, pages, item.begin + kAhead * kKeys + tid, next_source,
-                         next_flag);
-    }
-
-#pragma unroll 1
-    for (int t = 0; t < tiles; ++t) {
-      int const ahead = t + kAhead;
-      int const ahead_stage = ahead % kStages;
-      if (ahead < tiles && tid < kKeys) {
-        s_src[ahead_stage * kKeys + tid] = prefill_source_row(args, next_source);
-      }
-      cp_async_wait<kAhead - 1>();
-      if constexpr (Traits::kWgmma) fence_proxy_async_shared();  // wgmma reads the tiles
-      __syncthreads();
-      if (ahead < tiles) {
-        issue(ahead_stage);
-        if (tid < kKeys) s_flag[ahead_stage * kKeys + tid] = next_flag;
-        if (ahead + 1 < tiles && tid < kKeys) {
-          prefill_key_source(args, item, kv_head, pages, item.begin + (ahead + 1) * kKeys + tid,
-                             next_source, next_flag);
-        }
-      }
-      cp_async_commit();
-
-      int const stage = t % kStages;
-      int const key0 = item.begin + t * kKeys;
-      unsigned char const* const k_tile =
-          smem + Traits::kStagesOffset + stage * Traits::kStageBytes;
-      int const row0 = warp * kPrefillWarpRows;
-      if (t == 0) state.begin(smem_address(q_tile), row0, lane);
-      // A tile needs the per-element test only where some key can be invisible to some row: keys
-      // past the item's end, or chunk keys under the DMC mask, or chunk keys past the q tile's
-      // first token (the causal diagonal). Without a mask, chunk keys up to the first token are
-      // visible to every row (row r is token tile_token + r / G), so the tiles below the
-      // diagonal run unmasked like the prefix.
-      // With compaction the mask is in the compacted order: keys below V(tile_token + 1) are
-      // seen by every row, the tile's own keys are always masked.
-      int const chunk0 = key0 - item.prefix;  // chunk key of tile key 0 (< 0: a prefix key)
-      int const last_chunk_key = chunk0 + kKeys - 1;
-      bool const masked = key0 + kKeys > item.end ||
-                          (last_chunk_key >= 0 &&
-                           ((args.mask != nullptr && !compact) || last_chunk_key >= open_below));
-      // The tile's flags as a bit mask (one ballot per 32 keys), so that the per-element test is
-      // branch-free register arithmetic rather than a shared-memory byte load.
-      unsigned long long flag_bits = 0;
-      if (masked) {
-        unsigned char const* const flags = s_flag + stage * kKeys;
-        flag_bits = __ballot_sync(0xffffffffu, flags[lane] != 0);
-        if constexpr (kKeys > 32) {
-          flag_bits |=
-              static_cast<unsigned long long>(__ballot_sync(0xffffffffu, flags[lane + 32] != 0))
-              << 32;
-        }
-      }
-      // Without compaction: chunk key c is seen by query q iff c == q, or c < q and flagged.
-      // With it: compacted key c iff c < V(q + 1); own key c iff its token is q and its
-      // (negated) flag is set.
-      auto visible = [&](int row_in_warp, int key) {
-        int const chunk_key = chunk0 + key;
-        int const query = item.tile_token + (row0 + row_in_warp) / kGroupSize;
-        int const limit = s_limit[row0 + row_in_warp];
-        bool const flag = ((flag_bits >> key) & 1ull) != 0;
-        return (key0 + key < item.end) &
-               ((chunk_key < 0) | ((chunk_key < own_first) & (chunk_key < limit) & flag) |
-                ((chunk_key + own_shift == query) & (flag | !compact)));
-      };
-      if constexpr (Traits::kWgmma) {
-        // S of this tile beside O += P V of the previous one (whose stage is loaded again only
-        // in the next iteration, after the barrier).
-        std::uint32_t const k_address = smem_address(k_tile);
-        std::uint32_t const v_previous =
-            smem_address(smem + Traits::kStagesOffset +
-                         ((t + kStages - 1) % kStages) * Traits::kStageBytes) +
-            kTileBytes;
-        if (masked) {
-          state.template step<true>(k_address, v_previous, t > 0, smem_address(q_tile), row0, key0,
-                                    lane, variant, args.scale, args.scale_log2, batch_row, q_head0,
-                                    visible);
-        } else {
-          state.template step<false>(k_address, v_previous, t > 0, smem_address(q_tile), row0, key0,
-                                     lane, variant, args.scale, args.scale_log2, batch_row, q_head0,
-                                     visible);
-        }
-      } else if constexpr (Traits::kTensorCores) {
-        std::uint32_t const k_address = smem_address(k_tile);
-        if (masked) {
-          state.template tile<true>(k_address, k_address + kTileBytes, smem_address(q_tile), row0,
-                                    key0, lane, variant, args.scale, args.scale_log2, batch_row,
-                                    q_head0, visible);
-        } else {
-          state.template tile<false>(k_address, k_address + kTileBytes, smem_address(q_tile), row0,
-                                     key0, lane, variant, args.scale, args.scale_log2, batch_row,
-                                     q_head0, visible);
-        }
-      } else {
-        if (masked) {
-          state.template tile<true>(k_tile, k_tile + kTileBytes, q_tile, row0, key0, lane, variant,
-                                    args.scale, args.scale_log2, batch_row, q_head0, visible);
-        } else {
-          state.template tile<false>(k_tile, k_tile + kTileBytes, q_tile, row0, key0, lane, variant,
-                                     args.scale, args.scale_log2, batch_row, q_head0, visible);
-        }
+    // A tile needs the per-element test only where some key can be invisible to some row: keys
+    // past the item's end, or chunk keys under the DMC mask, or chunk keys past the q tile's
+    // first token (the causal diagonal). Without a mask, chunk keys up to the first token are
+    // visible to every row (row r is token tile_token + r / G), so the tiles below the
+    // diagonal run unmasked like the prefix.
+    // With compaction the mask is in the compacted order: keys below V(tile_token + 1) are
+    // seen by every row, the tile's own keys are always masked.
+    int const chunk0 = key0 - item.prefix;  // chunk key of tile key 0 (< 0: a prefix key)
+    int const last_chunk_key = chunk0 + kKeys - 1;
+    bool const masked = key0 + kKeys > item.end ||
+                        (last_chunk_key >= 0 &&
+                         ((args.mask != nullptr && !compact) || last_chunk_key >= open_below));
+    // The tile's flags as a bit mask (one ballot per 32 keys), so that the per-element test is
+    // branch-free register arithmetic rather than a shared-memory byte load.
+    unsigned long long flag_bits = 0;
+    if (masked) {
+      flag_bits = __ballot_sync(0xffffffffu, flags[lane] != 0);
+      if constexpr (kKeys > 32) {
+        flag_bits |=
+            static_cast<unsigned long long>(__ballot_sync(0xffffffffu, flags[lane + 32] != 0))
+            << 32;
       }
     }
-
+    // Without compaction: chunk key c is seen by query q iff c == q, or c < q and flagged.
+    // With it: compacted key c iff c < V(q + 1); own key c iff its token is q and its
+    // (negated) flag is set.
+    auto visible = [&](int row_in_warp, int key) {
+      int const chunk_key = chunk0 + key;
+      int const query = item.tile_token + (row0 + row_in_warp) / kGroupSize;
+      int const limit = limits[row0 + row_in_warp];
+      bool const flag = ((flag_bits >> key) & 1ull) != 0;
+      return (key0 + key < item.end) &
+             ((chunk_key < 0) | ((chunk_key < own_first) & (chunk_key < limit) & flag) |
+              ((chunk_key + own_shift == query) & (flag | !compact)));
+    };
     if constexpr (Traits::kWgmma) {
-      if (tiles > 0) {
-        state.drain(smem_address(smem + Traits::kStagesOffset +
-                                 ((tiles - 1) % kStages) * Traits::kStageBytes) +
-                    kTileBytes);
+      // S of this tile beside O += P V of the previous one (whose stage is released only after).
+      std::uint32_t const k_address = smem_address(k_tile);
+      if (masked) {
+        state.template step<true>(k_address, v_previous, t > 0, q_address, row0, key0, lane,
+                                  variant, args.scale, args.scale_log2, batch_row, q_head0,
+                                  visible);
+      } else {
+        state.template step<false>(k_address, v_previous, t > 0, q_address, row0, key0, lane,
+                                   variant, args.scale, args.scale_log2, batch_row, q_head0,
+                                   visible);
+      }
+    } else if constexpr (Traits::kTensorCores) {
+      std::uint32_t const k_address = smem_address(k_tile);
+      if (masked) {
+        state.template tile<true>(k_address, k_address + kTileBytes, q_address, row0, key0, lane,
+                                  variant, args.scale, args.scale_log2, batch_row, q_head0,
+                                  visible);
+      } else {
+        state.template tile<false>(k_address, k_address + kTileBytes, q_address, row0, key0, lane,
+                                   variant, args.scale, args.scale_log2, batch_row, q_head0,
+                                   visible);
+      }
+    } else {
+      unsigned char const* const q_tile = smem + (q_address - smem_address(smem));
+      if (masked) {
+        state.template tile<true>(k_tile, k_tile + kTileBytes, q_tile, row0, key0, lane, variant,
+                                  args.scale, args.scale_log2, batch_row, q_head0, visible);
+      } else {
+        state.template tile<false>(k_tile, k_tile + kTileBytes, q_tile, row0, key0, lane, variant,
+                                   args.scale, args.scale_log2, batch_row, q_head0, visible);
       }
     }
-
-    // ---- End of the item.
+  };
+  // ---- End of an item: the output (or a split's partial, the last split merging them).
+  // `sync` is a barrier over the computing threads.
+  auto finish_item = [&](Warp& state, PrefillWorkItem const& item, auto const& sync) {
+    int const q_head0 = (item.pair % hkv) * kGroupSize;
     int const row0 = warp * kPrefillWarpRows;
     auto packed_row = [&](int row_in_tile, int& token) {
       token = item.tile_token + row_in_tile / kGroupSize;
@@ -491,8 +456,7 @@ KVC_GLOBAL void __launch_bounds__(PrefillTraits<T, kHeadDim, kGroupSize>::kThrea
             long long const row = packed_row(row0 + row_in_warp, token);
             if (token < item.num_tokens) store_pair<T>(args.out + row * kHeadDim + dim, a, b);
           });
-      __syncthreads();
-      continue;
+      return;
     }
 
     // A split: publish the partial; the last split of the q tile to arrive merges.
@@ -508,10 +472,10 @@ KVC_GLOBAL void __launch_bounds__(PrefillTraits<T, kHeadDim, kGroupSize>::kThrea
               make_float2(a, b);
         });
     __threadfence();
-    __syncthreads();
+    sync();
     if (tid == 0)
       s_misc[1] = atomicAdd(ws.arrivals + item.record, 1) == item.num_splits - 1 ? 1 : 0;
-    __syncthreads();
+    sync();
     if (s_misc[1] != 0) {
       __threadfence();
       int const splits = item.num_splits;
@@ -554,7 +518,203 @@ KVC_GLOBAL void __launch_bounds__(PrefillTraits<T, kHeadDim, kGroupSize>::kThrea
         __syncwarp();
       }
     }
+  };
+
+  if constexpr (Traits::kProducerWarp) {
+    // ---- Producer warpgroup (the last) and computing warps, through shared-memory barriers:
+    //   full[s]   tile in stage s landed (each producer thread's copies, plus its plain arrival
+    //             after writing the stage's source rows and mask flags): 2 x 128 arrivals;
+    //   empty[s]  every computing warp is done with stage s: kWarps arrivals;
+    //   item_full[b] / item_empty[b]  item slot b (item, row bounds, Q buffer b) written /
+    //             released (128 / kWarps arrivals; Q itself lands with the item's first tile).
+    // Tiles and items are numbered from 0 over the whole kernel: tile g uses stage g % kStages
+    // in phase g / kStages, item i slot i % 2 in phase i / 2.
+    constexpr int kProducers = Traits::kProducerThreads;
+    std::uint64_t* const barriers = reinterpret_cast<std::uint64_t*>(smem + Traits::kBarrierOffset);
+    auto barrier = [&](int index) { return smem_address(barriers + index); };
+    auto full = [&](int stage) { return barrier(stage); };
+    auto empty = [&](int stage) { return barrier(kStages + stage); };
+    auto item_full = [&](int slot) { return barrier(2 * kStages + slot); };
+    auto item_empty = [&](int slot) { return barrier(2 * kStages + 2 + slot); };
+    PrefillWorkItem* const s_items = reinterpret_cast<PrefillWorkItem*>(smem + Traits::kItemOffset);
+    int* const s_item_index = reinterpret_cast<int*>(smem + Traits::kItemIndexOffset);
+    if (tid == 0) {
+      for (int s = 0; s < kStages; ++s) {
+        mbarrier_init(full(s), 2 * kProducers);
+        mbarrier_init(empty(s), Traits::kWarps);
+      }
+      for (int b = 0; b < 2; ++b) {
+        mbarrier_init(item_full(b), kProducers);
+        mbarrier_init(item_empty(b), Traits::kWarps);
+      }
+    }
     __syncthreads();
+
+    if (warp >= Traits::kWarps) {
+      // Producer: thread p of kProducers; barrier 2 is the producers' own.
+      int const p = tid - Traits::kConsumerThreads;
+      auto sync_producers = [] { named_barrier_sync(2, kProducers); };
+      int g = 0;
+#pragma unroll 1
+      for (int i = 0;; ++i) {
+        int const slot = i & 1;
+        // (The claim alternates between two words: a word is rewritten two items later, after
+        // every producer passed the barrier below that follows its read.)
+        if (p == 0) s_misc[2 + slot] = atomicAdd(ws.counters + 1, 1);
+        sync_producers();
+        int const index = s_misc[2 + slot];
+        if (i >= 2) mbarrier_wait(item_empty(slot), ((i >> 1) - 1) & 1);
+        if (index >= num_items) {
+          if (p == 0) s_item_index[slot] = -1;
+          mbarrier_arrive(item_full(slot));
+          break;
+        }
+        PrefillWorkItem const item = ws.items[index];
+        int const kv_head = item.pair % hkv;
+        std::int32_t const* pages = pages_of(item);
+        int const tiles = (item.end - item.begin + kKeys - 1) / kKeys;
+        if (p == 0) {
+          s_items[slot] = item;
+          s_item_index[slot] = index;
+        }
+        fill_limits(s_limits + slot * kRows, item, p, kProducers);
+        load_q(q_tile_of(slot), item, p);
+        mbarrier_arrive(item_full(slot));
+#pragma unroll 1
+        for (int t = 0; t < tiles; ++t, ++g) {
+          int const stage = g % kStages;
+          if (g >= kStages) mbarrier_wait(empty(stage), ((g / kStages) - 1) & 1);
+          if (p < kKeys) {
+            long long source;
+            unsigned char flag;
+            prefill_key_source(args, item, kv_head, pages, item.begin + t * kKeys + p, source,
+                               flag);
+            s_src[stage * kKeys + p] = prefill_source_row(args, source);
+            s_flag[stage * kKeys + p] = flag;
+          }
+          sync_producers();
+          issue(stage, p);
+          mbarrier_arrive_on_copies(full(stage));
+          mbarrier_arrive(full(stage));
+        }
+      }
+      cp_async_wait<0>();
+      return;
+    }
+
+    // Computing warps.
+    auto sync_computing = [] { named_barrier_sync(1, Traits::kConsumerThreads); };
+    Warp state;
+    int g = 0;
+#pragma unroll 1
+    for (int i = 0;; ++i) {
+      int const slot = i & 1;
+      mbarrier_wait(item_full(slot), (i >> 1) & 1);
+      if (s_item_index[slot] < 0) break;
+      PrefillWorkItem const item = s_items[slot];
+      int const* const limits = s_limits + slot * kRows;
+      std::uint32_t const q_address = smem_address(q_tile_of(slot));
+      int const tiles = (item.end - item.begin + kKeys - 1) / kKeys;
+#pragma unroll 1
+      for (int t = 0; t < tiles; ++t, ++g) {
+        int const stage = g % kStages;
+        int const previous = (g + kStages - 1) % kStages;
+        mbarrier_wait(full(stage), (g / kStages) & 1);
+        if constexpr (Traits::kWgmma) fence_proxy_async_shared();           // wgmma reads the tiles
+        if (t == 0) state.begin(q_address, warp * kPrefillWarpRows, lane);  // Q is in
+        compute_tile(state, item, limits, s_flag + stage * kKeys, stage, t, q_address,
+                     smem_address(stage_of(previous)) + kTileBytes);
+        // Pipelined: the previous tile's stage is free now; otherwise this one.
+        int const done = Traits::kWgmma ? previous : stage;
+        if (!Traits::kWgmma || t > 0) {
+          __syncwarp();
+          if (lane == 0) mbarrier_arrive(empty(done));
+        }
+      }
+      if constexpr (Traits::kWgmma) {
+        if (tiles > 0) {
+          int const last = (g + kStages - 1) % kStages;
+          state.drain(smem_address(stage_of(last)) + kTileBytes);
+          __syncwarp();
+          if (lane == 0) mbarrier_arrive(empty(last));
+        }
+      }
+      // The slot's Q buffer and row bounds are read no more.
+      __syncwarp();
+      if (lane == 0) mbarrier_arrive(item_empty(slot));
+      finish_item(state, item, sync_computing);
+    }
+  } else {
+    // ---- Every thread loads: the tiles of an item stream through kStages stages, kAhead ahead,
+    // with one CTA barrier per tile.
+    unsigned char* const q_tile = q_tile_of(0);
+    Warp state;
+#pragma unroll 1
+    for (;;) {
+      if (tid == 0) s_misc[0] = atomicAdd(ws.counters + 1, 1);
+      __syncthreads();
+      int const index = s_misc[0];
+      if (index >= num_items) break;
+      PrefillWorkItem const item = ws.items[index];
+      int const kv_head = item.pair % hkv;
+      int const tiles = (item.end - item.begin + kKeys - 1) / kKeys;
+      std::int32_t const* pages = pages_of(item);
+      load_q(q_tile, item, tid);
+      fill_limits(s_limits, item, tid, Traits::kConsumerThreads);  // read after the barriers below
+
+      // Prologue: tiles 0 .. kAhead - 1, one commit group each (the first also holds Q).
+#pragma unroll 1
+      for (int s = 0; s < kAhead; ++s) {
+        if (s < tiles && tid < kKeys) {
+          long long source;
+          unsigned char flag;
+          prefill_key_source(args, item, kv_head, pages, item.begin + s * kKeys + tid, source,
+                             flag);
+          s_src[s * kKeys + tid] = prefill_source_row(args, source);
+          s_flag[s * kKeys + tid] = flag;
+        }
+        __syncthreads();
+        if (s < tiles) issue(s, tid);
+        cp_async_commit();
+      }
+      long long next_source = -1;
+      unsigned char next_flag = 0;
+      if (kAhead < tiles && tid < kKeys) {
+        prefill_key_source(args, item, kv_head, pages, item.begin + kAhead * kKeys + tid,
+                           next_source, next_flag);
+      }
+
+#pragma unroll 1
+      for (int t = 0; t < tiles; ++t) {
+        int const ahead = t + kAhead;
+        int const ahead_stage = ahead % kStages;
+        if (ahead < tiles && tid < kKeys) {
+          s_src[ahead_stage * kKeys + tid] = prefill_source_row(args, next_source);
+        }
+        cp_async_wait<kAhead - 1>();
+        if constexpr (Traits::kWgmma) fence_proxy_async_shared();  // wgmma reads the tiles
+        __syncthreads();
+        if (ahead < tiles) {
+          issue(ahead_stage, tid);
+          if (tid < kKeys) s_flag[ahead_stage * kKeys + tid] = next_flag;
+          if (ahead + 1 < tiles && tid < kKeys) {
+            prefill_key_source(args, item, kv_head, pages, item.begin + (ahead + 1) * kKeys + tid,
+                               next_source, next_flag);
+          }
+        }
+        cp_async_commit();
+
+        int const stage = t % kStages;
+        if (t == 0) state.begin(smem_address(q_tile), warp * kPrefillWarpRows, lane);
+        compute_tile(state, item, s_limits, s_flag + stage * kKeys, stage, t, smem_address(q_tile),
+                     smem_address(stage_of((t + kStages - 1) % kStages)) + kTileBytes);
+      }
+      if constexpr (Traits::kWgmma) {
+        if (tiles > 0) state.drain(smem_address(stage_of((tiles - 1) % kStages)) + kTileBytes);
+      }
+      finish_item(state, item, [] { __syncthreads(); });
+      __syncthreads();
+    }
   }
   cp_async_wait<0>();
 }
