@@ -526,7 +526,7 @@ KVC_GLOBAL void __launch_bounds__(PrefillTraits<T, kHeadDim, kGroupSize>::kThrea
     //             after writing the stage's source rows and mask flags): 2 x 128 arrivals;
     //   empty[s]  every computing warp is done with stage s: kWarps arrivals;
     //   item_full[b] / item_empty[b]  item slot b (item, row bounds, Q buffer b) written /
-    //             released (128 / kWarps arrivals; Q itself lands with the item's first tile).
+    //             released (128 / 256 arrivals; Q itself lands with the item's first tile).
     // Tiles and items are numbered from 0 over the whole kernel: tile g uses stage g % kStages
     // in phase g / kStages, item i slot i % 2 in phase i / 2.
     constexpr int kProducers = Traits::kProducerThreads;
@@ -545,7 +545,7 @@ KVC_GLOBAL void __launch_bounds__(PrefillTraits<T, kHeadDim, kGroupSize>::kThrea
       }
       for (int b = 0; b < 2; ++b) {
         mbarrier_init(item_full(b), kProducers);
-        mbarrier_init(item_empty(b), Traits::kWarps);
+        mbarrier_init(item_empty(b), Traits::kConsumerThreads);
       }
     }
     __syncthreads();
@@ -639,9 +639,9 @@ KVC_GLOBAL void __launch_bounds__(PrefillTraits<T, kHeadDim, kGroupSize>::kThrea
           if (lane == 0) mbarrier_arrive(empty(last));
         }
       }
-      // The slot's Q buffer and row bounds are read no more.
-      __syncwarp();
-      if (lane == 0) mbarrier_arrive(item_empty(slot));
+      // The slot's item, Q buffer and row bounds are read no more (every thread arrives: each
+      // read the slot).
+      mbarrier_arrive(item_empty(slot));
       finish_item(state, item, sync_computing);
     }
   } else {
