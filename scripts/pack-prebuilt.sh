@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Packs a build directory made on the CPU machine (nvcc 13.0, sm_90, every instantiation) for a
+# Packs a build directory made on the CPU machine (nvcc 13.0, sm_90a, every instantiation) for a
 # run on the lent GPU machine, so that no device time goes into compiling: packs it, without
 # object files and static libraries, into .devbuild/prebuilt.tgz (ignored by git), with the
 # absolute source and build paths that its CTest files name. `scripts/gpu-check.sh --prebuilt

@@ -1,9 +1,9 @@
 //! @file
-//! Shared-memory barriers (sm_90 `mbarrier`) for producer / consumer pipelines inside a CTA: a
-//! barrier completes a phase when its expected number of arrivals has happened, and waiters poll
-//! for the phase by its parity (0, 1, 0, ...). Arrivals are plain (release: the arriving thread's
-//! earlier writes are visible to whoever observes the phase) or triggered by the completion of
-//! the arriving thread's earlier cp.async copies.
+//! Shared-memory barriers (`mbarrier`, sm_80 and later) for producer / consumer pipelines inside a
+//! CTA: a barrier completes a phase when its expected number of arrivals has happened, and waiters
+//! poll for the phase by its parity (0, 1, 0, ...). Arrivals are plain (release: the arriving
+//! thread's earlier writes are visible to whoever observes the phase) or triggered by the
+//! completion of the arriving thread's earlier cp.async copies.
 #pragma once
 
 #include <cstdint>
@@ -30,7 +30,9 @@ KVC_DEVICE void mbarrier_arrive_on_copies(std::uint32_t barrier) {
 }
 
 //! Waits until the phase of parity `parity` has completed (acquire semantics at CTA scope).
+//! sm_90: try_wait (the thread may sleep until the phase completes); sm_80: a test_wait loop.
 KVC_DEVICE void mbarrier_wait(std::uint32_t barrier, int parity) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile(
       "{\n"
       ".reg .pred done;\n"
@@ -40,6 +42,17 @@ KVC_DEVICE void mbarrier_wait(std::uint32_t barrier, int parity) {
       "}\n" ::"r"(barrier),
       "r"(parity)
       : "memory");
+#else
+  asm volatile(
+      "{\n"
+      ".reg .pred done;\n"
+      "wait_%=:\n"
+      "mbarrier.test_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra wait_%=;\n"
+      "}\n" ::"r"(barrier),
+      "r"(parity)
+      : "memory");
+#endif
 }
 
 //! Barrier `id` (1..15; 0 is __syncthreads) over the first `threads` threads of the CTA.
