@@ -328,6 +328,15 @@ KVC_GLOBAL void __launch_bounds__(PrefillTraits<T, kHeadDim, kGroupSize>::kThrea
                     .visible_through[(static_cast<long long>(item.token0) + token) * hkv + kv_head];
     }
   };
+  // Looks up key `key` of tile t of the item and stages its source rows and mask flag.
+  auto stage_key = [&](int stage, PrefillWorkItem const& item, int kv_head,
+                       std::int32_t const* pages, int t, int key) {
+    long long source;
+    unsigned char flag;
+    prefill_key_source(args, item, kv_head, pages, item.begin + t * kKeys + key, source, flag);
+    s_src[stage * kKeys + key] = prefill_source_row(args, source);
+    s_flag[stage * kKeys + key] = flag;
+  };
   // cp.async of a K / V tile into `stage` from the rows in s_src[stage].
   auto issue = [&](int stage, int first) {
     std::uint32_t const k_dst = smem_address(stage_of(stage));
@@ -584,14 +593,7 @@ KVC_GLOBAL void __launch_bounds__(PrefillTraits<T, kHeadDim, kGroupSize>::kThrea
         for (int t = 0; t < tiles; ++t, ++g) {
           int const stage = g % kStages;
           if (g >= kStages) mbarrier_wait(empty(stage), ((g / kStages) - 1) & 1);
-          if (p < kKeys) {
-            long long source;
-            unsigned char flag;
-            prefill_key_source(args, item, kv_head, pages, item.begin + t * kKeys + p, source,
-                               flag);
-            s_src[stage * kKeys + p] = prefill_source_row(args, source);
-            s_flag[stage * kKeys + p] = flag;
-          }
+          if (p < kKeys) stage_key(stage, item, kv_head, pages, t, p);
           sync_producers();
           issue(stage, p);
           mbarrier_arrive_on_copies(full(stage));
@@ -665,14 +667,7 @@ KVC_GLOBAL void __launch_bounds__(PrefillTraits<T, kHeadDim, kGroupSize>::kThrea
       // Prologue: tiles 0 .. kAhead - 1, one commit group each (the first also holds Q).
 #pragma unroll 1
       for (int s = 0; s < kAhead; ++s) {
-        if (s < tiles && tid < kKeys) {
-          long long source;
-          unsigned char flag;
-          prefill_key_source(args, item, kv_head, pages, item.begin + s * kKeys + tid, source,
-                             flag);
-          s_src[s * kKeys + tid] = prefill_source_row(args, source);
-          s_flag[s * kKeys + tid] = flag;
-        }
+        if (s < tiles && tid < kKeys) stage_key(s, item, kv_head, pages, s, tid);
         __syncthreads();
         if (s < tiles) issue(s, tid);
         cp_async_commit();
