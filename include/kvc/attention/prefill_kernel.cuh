@@ -63,10 +63,10 @@ struct PrefillTraits {
   // and the K / V tiles through a ring of stages with shared-memory barriers, so the computing
   // warps never stop at a CTA barrier and drift apart (one warpgroup's products overlap the
   // other's softmax). The other instances: every thread loads, one CTA barrier per tile.
-  static constexpr bool kProducerWarp = kTensorCores && kHeadDim <= 128;
-  static constexpr int kProducerThreads = kProducerWarp ? 128 : 0;
+  static constexpr bool kProducerWarpgroup = kTensorCores && kHeadDim <= 128;
+  static constexpr int kProducerThreads = kProducerWarpgroup ? 128 : 0;
   static constexpr int kThreads = kConsumerThreads + kProducerThreads;
-  static constexpr int kLoaderThreads = kProducerWarp ? kProducerThreads : kConsumerThreads;
+  static constexpr int kLoaderThreads = kProducerWarpgroup ? kProducerThreads : kConsumerThreads;
   static constexpr int kRows = kWarps * kPrefillWarpRows;  // query rows per q tile
   static constexpr int kTokens = kRows / kGroupSize;
   static constexpr int kKeys = kTensorCores && kHeadDim < 256 ? 64 : 32;  // keys per K/V tile
@@ -87,7 +87,7 @@ struct PrefillTraits {
   static constexpr int kCopies = kKeys * kChunks / kLoaderThreads;
   static constexpr int kQCopies = kRows * kChunks / kLoaderThreads;
   // Q buffers: the producer loads the next item's Q while the consumers finish an item.
-  static constexpr int kQBuffers = kProducerWarp ? 2 : 1;
+  static constexpr int kQBuffers = kProducerWarpgroup ? 2 : 1;
 
   static constexpr int align16(int bytes) { return (bytes + 15) / 16 * 16; }
   static constexpr int kStagesOffset = kQBuffers * kQBytes;
@@ -101,10 +101,11 @@ struct PrefillTraits {
   // Producer path: barriers (uint64 full[stages], empty[stages], item_full[2], item_empty[2])
   // and the two item slots (PrefillWorkItem [2], then int index [2]).
   static constexpr int kBarrierOffset = align16(kLimitOffset + kQBuffers * kRows * 4);
-  static constexpr int kItemOffset = kBarrierOffset + (kProducerWarp ? (2 * kStages + 4) * 8 : 0);
+  static constexpr int kItemOffset =
+      kBarrierOffset + (kProducerWarpgroup ? (2 * kStages + 4) * 8 : 0);
   static constexpr int kItemIndexOffset =
-      kItemOffset + (kProducerWarp ? 2 * static_cast<int>(sizeof(PrefillWorkItem)) : 0);
-  static constexpr int kEndOffset = kItemIndexOffset + (kProducerWarp ? 16 : 0);
+      kItemOffset + (kProducerWarpgroup ? 2 * static_cast<int>(sizeof(PrefillWorkItem)) : 0);
+  static constexpr int kEndOffset = kItemIndexOffset + (kProducerWarpgroup ? 16 : 0);
   // + 1 KB: the wgmma tiles' 1024-byte alignment is made at run time (every 16-bit instance keeps
   // the slack, so that the host's size agrees with every device pass).
   static constexpr int kAlignSlack = kTensorCores ? 1024 : 0;
@@ -529,7 +530,7 @@ KVC_GLOBAL void __launch_bounds__(PrefillTraits<T, kHeadDim, kGroupSize>::kThrea
     }
   };
 
-  if constexpr (Traits::kProducerWarp) {
+  if constexpr (Traits::kProducerWarpgroup) {
     // ---- Producer warpgroup (the last) and computing warps, through shared-memory barriers:
     //   full[s]   tile in stage s landed (each producer thread's copies, plus its plain arrival
     //             after writing the stage's source rows and mask flags): 2 x 128 arrivals;
