@@ -54,8 +54,8 @@ KVC_HOST_DEVICE constexpr int wgmma_tile_offset(int rows, int row, int chunk) {
 //! Shared-memory matrix descriptor of a 128-byte-swizzled operand starting at `address` (a
 //! shared-window byte address; the swizzle pattern is taken from address bits, so the tile
 //! must be 1024-byte aligned and `address` may add the in-row offset of a k step).
-KVC_DEVICE std::uint64_t wgmma_descriptor(std::uint32_t address, std::uint32_t leading_bytes,
-                                          std::uint32_t stride_bytes) {
+KVC_HOST_DEVICE std::uint64_t wgmma_descriptor(std::uint32_t address, std::uint32_t leading_bytes,
+                                               std::uint32_t stride_bytes) {
   return static_cast<std::uint64_t>((address & 0x3FFFFu) >> 4) |
          (static_cast<std::uint64_t>((leading_bytes & 0x3FFFFu) >> 4) << 16) |
          (static_cast<std::uint64_t>((stride_bytes & 0x3FFFFu) >> 4) << 32) |
