@@ -623,8 +623,9 @@ KVC_GLOBAL void __launch_bounds__(PrefillTraits<T, kHeadDim, kGroupSize>::kThrea
         int const stage = g % kStages;
         int const previous = (g + kStages - 1) % kStages;
         mbarrier_wait(full(stage), (g / kStages) & 1);
-        if constexpr (Traits::kWgmma) fence_proxy_async_shared();           // wgmma reads the tiles
-        if (t == 0) state.begin(q_address, warp * kPrefillWarpRows, lane);  // Q is in
+        if constexpr (Traits::kWgmma) fence_proxy_async_shared();  // wgmma reads the tiles
+        // (Q lands with the item's first tile: mma.sync warps read it into registers here.)
+        if (t == 0) state.begin(q_address, warp * kPrefillWarpRows, lane);
         compute_tile(state, item, limits, s_flag + stage * kKeys, stage, t, q_address,
                      smem_address(stage_of(previous)) + kTileBytes);
         // Pipelined: the previous tile's stage is free now; otherwise this one.
