@@ -225,6 +225,11 @@ if ((${#jsons[@]} > 0)); then
 else
   echo "no benchmark results"
 fi
+if [[ -s ${out}/kvc_bench_prefill.json || -s ${out}/kvc_bench_prefill_store.json ]]; then
+  echo
+  echo "=== prefill against PyTorch SDPA (issue 6 targets) ==="
+  python3 benchmarks/compare_prefill.py "${out}" || { echo "compare_prefill.py failed"; failed=1; }
+fi
 
 echo
 echo "=== gpu-check summary (logs in ${out}) ==="
