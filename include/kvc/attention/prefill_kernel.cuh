@@ -77,13 +77,12 @@ struct PrefillTraits {
   static constexpr int kTileBytes = kKeys * kRowBytes;
   static constexpr int kStageBytes = 2 * kTileBytes;
   // 16-bit: Q 16/32/64 KB + stages of 16/32/32 KB; fp32: Q 16/32/64 KB + stages of 16/32/64 KB.
-  // 16-bit head dims 64 and 128 keep 4 stages (the same on every target, as the host sizes the
-  // shared memory): the pipelined wgmma loop holds two tiles and loads two ahead.
+  // 16-bit head dims 64 and 128: a ring of 4 stages filled by the producer warpgroup (the
+  // pipelined wgmma warps hold two tiles at a time).
   static constexpr int kStages =
       kHeadDim == 256 ? 2 : (kTensorCores ? 4 : (kHeadDim == 64 ? 3 : 2));
-  // Tiles loaded ahead of the one being computed: the pipelined loop still reads the previous
-  // tile's V while it computes a tile, so one stage fewer.
-  static constexpr int kAhead = kWgmma ? kStages - 2 : kStages - 1;
+  // Every-thread-loads loop: tiles loaded ahead of the one being computed.
+  static constexpr int kAhead = kStages - 1;
   static constexpr int kCopies = kKeys * kChunks / kLoaderThreads;
   static constexpr int kQCopies = kRows * kChunks / kLoaderThreads;
   // Q buffers: the producer loads the next item's Q while the consumers finish an item.
@@ -131,6 +130,7 @@ struct PrefillTraits {
   static_assert((kKeys * kChunks) % kLoaderThreads == 0 && (kRows * kChunks) % kLoaderThreads == 0,
                 "copies per thread");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory above the sm_90 limit");
+  static_assert(!kWgmma || kProducerWarpgroup, "the wgmma warps run only in the producer loop");
 };
 
 //! Typed kernel arguments.
@@ -689,7 +689,6 @@ KVC_GLOBAL void __launch_bounds__(PrefillTraits<T, kHeadDim, kGroupSize>::kThrea
           s_src[ahead_stage * kKeys + tid] = prefill_source_row(args, next_source);
         }
         cp_async_wait<kAhead - 1>();
-        if constexpr (Traits::kWgmma) fence_proxy_async_shared();  // wgmma reads the tiles
         __syncthreads();
         if (ahead < tiles) {
           issue(ahead_stage, tid);
@@ -704,10 +703,7 @@ KVC_GLOBAL void __launch_bounds__(PrefillTraits<T, kHeadDim, kGroupSize>::kThrea
         int const stage = t % kStages;
         if (t == 0) state.begin(smem_address(q_tile), warp * kPrefillWarpRows, lane);
         compute_tile(state, item, s_limits, s_flag + stage * kKeys, stage, t, smem_address(q_tile),
-                     smem_address(stage_of((t + kStages - 1) % kStages)) + kTileBytes);
-      }
-      if constexpr (Traits::kWgmma) {
-        if (tiles > 0) state.drain(smem_address(stage_of((tiles - 1) % kStages)) + kTileBytes);
+                     0u);  // (no previous tile: these warps run mma.sync / CUDA cores, unpipelined)
       }
       finish_item(state, item, [] { __syncthreads(); });
       __syncthreads();
