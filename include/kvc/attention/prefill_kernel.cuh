@@ -292,7 +292,7 @@ KVC_GLOBAL void __launch_bounds__(PrefillTraits<T, kHeadDim, kGroupSize>::kThrea
   int const num_items = ws.counters[0];
   Variant const variant = make_prefill_variant<Variant>(args);
 
-  // ---- Helpers of both loops. `first` / `stride`: this thread's share of the loading threads.
+  // ---- Helpers of both loops. `first`: this thread's index among the kLoaders loading threads.
   // Page-table row of the item's prefix (nullptr without one).
   auto pages_of = [&](PrefillWorkItem const& item) -> std::int32_t const* {
     return item.cache_head >= 0
@@ -318,9 +318,9 @@ KVC_GLOBAL void __launch_bounds__(PrefillTraits<T, kHeadDim, kGroupSize>::kThrea
   };
   // Each row's key bound: without compaction its token (chunk keys before it are seen when
   // flagged), with compaction V(token + 1) (compacted keys below are seen).
-  auto fill_limits = [&](int* limits, PrefillWorkItem const& item, int first, int stride) {
+  auto fill_limits = [&](int* limits, PrefillWorkItem const& item, int first) {
     int const kv_head = item.pair % hkv;
-    for (int r = first; r < kRows; r += stride) {
+    for (int r = first; r < kRows; r += kLoaders) {
       int const token = item.tile_token + r / kGroupSize;
       limits[r] =
           item.compact < 0 || token >= item.num_tokens
@@ -587,7 +587,7 @@ KVC_GLOBAL void __launch_bounds__(PrefillTraits<T, kHeadDim, kGroupSize>::kThrea
           s_items[slot] = item;
           s_item_index[slot] = index;
         }
-        fill_limits(s_limits + slot * kRows, item, p, kProducers);
+        fill_limits(s_limits + slot * kRows, item, p);
         load_q(q_tile_of(slot), item, p);
         mbarrier_arrive(item_full(slot));
 #pragma unroll 1
@@ -664,7 +664,7 @@ KVC_GLOBAL void __launch_bounds__(PrefillTraits<T, kHeadDim, kGroupSize>::kThrea
       int const tiles = (item.end - item.begin + kKeys - 1) / kKeys;
       std::int32_t const* pages = pages_of(item);
       load_q(q_tile, item, tid);
-      fill_limits(s_limits, item, tid, Traits::kConsumerThreads);  // read after the barriers below
+      fill_limits(s_limits, item, tid);  // read after the barriers below
 
       // Prologue: tiles 0 .. kAhead - 1, one commit group each (the first also holds Q).
 #pragma unroll 1
