@@ -140,7 +140,7 @@ Status DecodeAttention<Variant, T, kHeadDim, kGroupSize>::run(DecodeParams const
   args.page_table = cache.page_table;
   args.probs = params.scores.probs;
   args.probs_stride = params.scores.stride;
-  args.score_lse = params.scores.probs != nullptr && params.scores.form == ScoreForm::kLog2Logits
+  args.score_lse = params.scores.enabled() && params.scores.form == ScoreForm::kLog2Logits
                        ? params.scores.lse
                        : nullptr;
   args.page_size = cache.page_size;
