@@ -285,7 +285,8 @@ KVC_GLOBAL void __launch_bounds__(PrefillTraits<T, kHeadDim, kGroupSize>::kThrea
 
   int const tid = static_cast<int>(threadIdx.x);
   int const lane = tid & 31;
-  int const warp = tid >> 5;
+  // Broadcast from lane 0 so that the compiler knows the warp index is warp-uniform.
+  int const warp = __shfl_sync(0xffffffffu, tid >> 5, 0);
   int const hq = args.num_q_heads;
   int const hkv = args.num_kv_heads;
   PrefillWorkspace const& ws = args.ws;
@@ -293,6 +294,12 @@ KVC_GLOBAL void __launch_bounds__(PrefillTraits<T, kHeadDim, kGroupSize>::kThrea
   Variant const variant = make_prefill_variant<Variant>(args);
 
   // ---- Helpers of both loops. `first`: this thread's index among the kLoaders loading threads.
+  // Key tiles of an item; at least one (an item always has a key, its own; an empty range would
+  // stream one zero-filled, fully masked tile), so that the first tile needs no branch.
+  auto tiles_of = [](PrefillWorkItem const& item) {
+    int const tiles = (item.end - item.begin + kKeys - 1) / kKeys;
+    return tiles > 1 ? tiles : 1;
+  };
   // Page-table row of the item's prefix (nullptr without one).
   auto pages_of = [&](PrefillWorkItem const& item) -> std::int32_t const* {
     return item.cache_head >= 0
@@ -357,9 +364,11 @@ KVC_GLOBAL void __launch_bounds__(PrefillTraits<T, kHeadDim, kGroupSize>::kThrea
   };
   // One key tile of the warp: `flags` are the tile's mask flags, `limits` the q tile's row
   // bounds; v_previous / has_previous feed the pipelined wgmma step.
-  auto compute_tile = [&](Warp& state, PrefillWorkItem const& item, int const* limits,
-                          unsigned char const* flags, int stage, int t, std::uint32_t q_address,
-                          std::uint32_t v_previous) {
+  // `first_tag`: std::true_type for an item's first tile (no previous tile), else false_type.
+  auto compute_tile = [&](auto first_tag, Warp& state, PrefillWorkItem const& item,
+                          int const* limits, unsigned char const* flags, int stage, int t,
+                          std::uint32_t q_address, std::uint32_t v_previous) {
+    constexpr bool kFirst = decltype(first_tag)::value;
     int const batch_row = item.pair / hkv;
     int const q_head0 = (item.pair - batch_row * hkv) * kGroupSize;
     int const key0 = item.begin + t * kKeys;
@@ -411,13 +420,13 @@ KVC_GLOBAL void __launch_bounds__(PrefillTraits<T, kHeadDim, kGroupSize>::kThrea
       // S of this tile beside O += P V of the previous one (whose stage is released only after).
       std::uint32_t const k_address = smem_address(k_tile);
       if (masked) {
-        state.template step<true>(k_address, v_previous, t > 0, q_address, row0, key0, lane,
-                                  variant, args.scale, args.scale_log2, batch_row, q_head0,
-                                  visible);
+        state.template step<true, kFirst>(k_address, v_previous, q_address, row0, key0, lane,
+                                          variant, args.scale, args.scale_log2, batch_row, q_head0,
+                                          visible);
       } else {
-        state.template step<false>(k_address, v_previous, t > 0, q_address, row0, key0, lane,
-                                   variant, args.scale, args.scale_log2, batch_row, q_head0,
-                                   visible);
+        state.template step<false, kFirst>(k_address, v_previous, q_address, row0, key0, lane,
+                                           variant, args.scale, args.scale_log2, batch_row, q_head0,
+                                           visible);
       }
     } else if constexpr (Traits::kTensorCores) {
       std::uint32_t const k_address = smem_address(k_tile);
@@ -582,7 +591,7 @@ KVC_GLOBAL void __launch_bounds__(PrefillTraits<T, kHeadDim, kGroupSize>::kThrea
         PrefillWorkItem const item = ws.items[index];
         int const kv_head = item.pair % hkv;
         std::int32_t const* pages = pages_of(item);
-        int const tiles = (item.end - item.begin + kKeys - 1) / kKeys;
+        int const tiles = tiles_of(item);
         if (p == 0) {
           s_items[slot] = item;
           s_item_index[slot] = index;
@@ -617,31 +626,33 @@ KVC_GLOBAL void __launch_bounds__(PrefillTraits<T, kHeadDim, kGroupSize>::kThrea
       PrefillWorkItem const item = s_items[slot];
       int const* const limits = s_limits + slot * kRows;
       std::uint32_t const q_address = smem_address(q_tile_of(slot));
-      int const tiles = (item.end - item.begin + kKeys - 1) / kKeys;
-#pragma unroll 1
-      for (int t = 0; t < tiles; ++t, ++g) {
+      int const tiles = tiles_of(item);
+      // Tile t of the item (the first one peeled off the loop, so that no wgmma sits in a branch).
+      auto consume = [&](auto first_tag, int t) {
+        constexpr bool kFirst = decltype(first_tag)::value;
         int const stage = g % kStages;
         int const previous = (g + kStages - 1) % kStages;
         mbarrier_wait(full(stage), (g / kStages) & 1);
         if constexpr (Traits::kWgmma) fence_proxy_async_shared();  // wgmma reads the tiles
         // (Q lands with the item's first tile: mma.sync warps read it into registers here.)
-        if (t == 0) state.begin(q_address, warp * kPrefillWarpRows, lane);
-        compute_tile(state, item, limits, s_flag + stage * kKeys, stage, t, q_address,
+        if constexpr (kFirst) state.begin(q_address, warp * kPrefillWarpRows, lane);
+        compute_tile(first_tag, state, item, limits, s_flag + stage * kKeys, stage, t, q_address,
                      smem_address(stage_of(previous)) + kTileBytes);
         // Pipelined: the previous tile's stage is free now; otherwise this one.
-        int const done = Traits::kWgmma ? previous : stage;
-        if (!Traits::kWgmma || t > 0) {
+        if constexpr (!Traits::kWgmma || !kFirst) {
           __syncwarp();
-          if (lane == 0) mbarrier_arrive(empty(done));
+          if (lane == 0) mbarrier_arrive(empty(Traits::kWgmma ? previous : stage));
         }
-      }
+        ++g;
+      };
+      consume(std::true_type{}, 0);
+#pragma unroll 1
+      for (int t = 1; t < tiles; ++t) consume(std::false_type{}, t);
       if constexpr (Traits::kWgmma) {
-        if (tiles > 0) {
-          int const last = (g + kStages - 1) % kStages;
-          state.drain(smem_address(stage_of(last)) + kTileBytes);
-          __syncwarp();
-          if (lane == 0) mbarrier_arrive(empty(last));
-        }
+        int const last = (g + kStages - 1) % kStages;
+        state.drain(smem_address(stage_of(last)) + kTileBytes);
+        __syncwarp();
+        if (lane == 0) mbarrier_arrive(empty(last));
       }
       // The slot's item, Q buffer and row bounds are read no more (every thread arrives: each
       // read the slot).
@@ -702,7 +713,8 @@ KVC_GLOBAL void __launch_bounds__(PrefillTraits<T, kHeadDim, kGroupSize>::kThrea
 
         int const stage = t % kStages;
         if (t == 0) state.begin(smem_address(q_tile), warp * kPrefillWarpRows, lane);
-        compute_tile(state, item, s_limits, s_flag + stage * kKeys, stage, t, smem_address(q_tile),
+        compute_tile(std::false_type{}, state, item, s_limits, s_flag + stage * kKeys, stage, t,
+                     smem_address(q_tile),
                      0u);  // (no previous tile: these warps run mma.sync / CUDA cores, unpipelined)
       }
       finish_item(state, item, [] { __syncthreads(); });

@@ -269,30 +269,34 @@ struct PrefillTcWarp {
   }
 
   //! wgmma, software-pipelined across tiles: S of this tile (k_tile) runs beside O += P V of the
-  //! previous one (v_previous, when has_previous), and the softmax of this tile runs while that
-  //! product is still in flight; this tile's P is kept for the next step (or drain()). The
-  //! previous tile's V must stay in shared memory until this returns.
-  template <bool kMasked, class Visible>
-  KVC_DEVICE void step(std::uint32_t k_tile, std::uint32_t v_previous, bool has_previous,
-                       std::uint32_t q_tile, int row0, int key0, int lane, Variant const& variant,
-                       float scale, float scale_log2, int batch_row, int q_head0,
-                       Visible const& visible) {
+  //! previous one (v_previous; none for an item's first tile, kFirst), and the softmax of this
+  //! tile runs while that product is still in flight; this tile's P is kept for the next step (or
+  //! drain()). The previous tile's V must stay in shared memory until this returns.
+  //! kFirst is a template argument, not a run-time branch around issue_pv: with a wgmma inside a
+  //! branch that ptxas cannot prove warp-uniform, it serialises every wgmma of the kernel (warning
+  //! C7520: each product waits for the previous one to complete).
+  template <bool kMasked, bool kFirst, class Visible>
+  KVC_DEVICE void step(std::uint32_t k_tile, std::uint32_t v_previous, std::uint32_t q_tile,
+                       int row0, int key0, int lane, Variant const& variant, float scale,
+                       float scale_log2, int batch_row, int q_head0, Visible const& visible) {
     float s[kKeyTiles][4];
     wgmma_fence_operands(o);
     wgmma_fence();
     issue_scores(s, k_tile, q_tile, row0);
-    if (has_previous) {
-      issue_pv(p_kept, v_previous);
+    if constexpr (kFirst) {
+      wgmma_wait<0>();
     } else {
-      wgmma_commit();  // an empty group in its place, so that the wait below counts the same
+      issue_pv(p_kept, v_previous);
+      wgmma_wait<1>();  // the scores' group, the older of the two, is complete
     }
-    wgmma_wait<1>();  // the scores' group, the older of the two, is complete
     wgmma_fence_operands(s);
     float alpha[2];
     softmax<kMasked>(s, alpha, key0, lane, variant, scale, scale_log2, batch_row, q_head0, visible);
-    wgmma_wait<0>();
-    wgmma_fence_operands(o);
-    rescale(alpha);
+    if constexpr (!kFirst) {  // (an item's first tile finds O zero: nothing to rescale)
+      wgmma_wait<0>();
+      wgmma_fence_operands(o);
+      rescale(alpha);
+    }
     pack_probabilities(s, p_kept);
   }
 
