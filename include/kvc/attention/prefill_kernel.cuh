@@ -368,7 +368,7 @@ KVC_GLOBAL void __launch_bounds__(PrefillTraits<T, kHeadDim, kGroupSize>::kThrea
   auto compute_tile = [&](auto first_tag, Warp& state, PrefillWorkItem const& item,
                           int const* limits, unsigned char const* flags, int stage, int t,
                           std::uint32_t q_address, std::uint32_t v_previous) {
-    constexpr bool kFirst = decltype(first_tag)::value;
+    [[maybe_unused]] constexpr bool kFirst = decltype(first_tag)::value;  // (wgmma path only)
     int const batch_row = item.pair / hkv;
     int const q_head0 = (item.pair - batch_row * hkv) * kGroupSize;
     int const key0 = item.begin + t * kKeys;

@@ -137,8 +137,9 @@ struct PrefillTcWarp {
 #pragma unroll
     for (int k = 0; k < kSteps; ++k) {
       int const step = (k & 3) * 32;
-      WgmmaM64<T, kKeys>::ss(s, q_desc + (((k >> 2) * kQRows * 128 + step) >> 4),
-                             k_desc + (((k >> 2) * kKeys * 128 + step) >> 4), k > 0 ? 1 : 0);
+      WgmmaM64<T, kKeys>::ss(s, wgmma_descriptor_advance(q_desc, (k >> 2) * kQRows * 128 + step),
+                             wgmma_descriptor_advance(k_desc, (k >> 2) * kKeys * 128 + step),
+                             k > 0 ? 1 : 0);
     }
     wgmma_commit();
   }
@@ -149,7 +150,7 @@ struct PrefillTcWarp {
     std::uint64_t const v_desc = wgmma_descriptor(v_tile, kKeys * 128, 1024);
 #pragma unroll
     for (int kk = 0; kk < kKeyTiles / 2; ++kk) {
-      WgmmaM64<T, kHeadDim>::rs_b_mn(o, p[kk], v_desc + ((kk * 16 * 128) >> 4), 1);
+      WgmmaM64<T, kHeadDim>::rs_b_mn(o, p[kk], wgmma_descriptor_advance(v_desc, kk * 16 * 128), 1);
     }
     wgmma_commit();
   }
@@ -177,7 +178,9 @@ struct PrefillTcWarp {
     int const g = lane >> 2;
     int const t = lane & 3;
     constexpr bool kRawMax = !kMasked && !Variant::kTransformsLogits;
-    float tile_max[2] = {-INFINITY, -INFINITY};
+    // Two running maxima per row (even and odd n-tiles): two independent chains of FMNMX per row
+    // instead of one halve the dependent latency of the reduction.
+    float tile_max[2][2] = {{-INFINITY, -INFINITY}, {-INFINITY, -INFINITY}};
 #pragma unroll
     for (int n = 0; n < kKeyTiles; ++n) {
 #pragma unroll
@@ -196,13 +199,13 @@ struct PrefillTcWarp {
           if (!visible(g + 8 * half, key)) value = -INFINITY;
         }
         s[n][i] = value;
-        tile_max[half] = fmaxf(tile_max[half], value);
+        tile_max[half][n & 1] = fmaxf(tile_max[half][n & 1], value);
       }
     }
     float m_use[2];
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      float top = tile_max[half];
+      float top = fmaxf(tile_max[half][0], tile_max[half][1]);
       top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, 1));
       top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, 2));
       if constexpr (kRawMax) top *= scale_log2;  // (a raw maximum is finite: no key is masked)
@@ -211,7 +214,7 @@ struct PrefillTcWarp {
       alpha[half] = exp2_approx(m[half] - m_use[half]);
       m[half] = m_new;
     }
-    float sum[2] = {0.0f, 0.0f};
+    float sum[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};  // (two chains per row, as the maxima)
 #pragma unroll
     for (int n = 0; n < kKeyTiles; ++n) {
 #pragma unroll
@@ -221,11 +224,11 @@ struct PrefillTcWarp {
         } else {
           s[n][i] = exp2_approx(s[n][i] - m_use[i >> 1]);
         }
-        sum[i >> 1] += s[n][i];
+        sum[i >> 1][n & 1] += s[n][i];
       }
     }
-    l[0] = l[0] * alpha[0] + sum[0];
-    l[1] = l[1] * alpha[1] + sum[1];
+    l[0] = l[0] * alpha[0] + (sum[0][0] + sum[0][1]);
+    l[1] = l[1] * alpha[1] + (sum[1][0] + sum[1][1]);
   }
 
   //! O *= alpha per row, skipped when no row maximum of the warp moved (alpha exactly 1).

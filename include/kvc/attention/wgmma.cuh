@@ -62,6 +62,16 @@ KVC_HOST_DEVICE std::uint64_t wgmma_descriptor(std::uint32_t address, std::uint3
          (1ull << 62);  // 128-byte swizzle
 }
 
+//! `descriptor` moved on by `bytes` (a multiple of 16): only the address field in the low word
+//! changes, and it cannot carry out of it (shared-window addresses stay below 2^18 bytes), so the
+//! sum is one 32-bit add and the constant high word stays as it is, instead of a 64-bit add with
+//! carry (and its register moves) per k step.
+KVC_HOST_DEVICE std::uint64_t wgmma_descriptor_advance(std::uint64_t descriptor,
+                                                       std::uint32_t bytes) {
+  std::uint32_t const low = static_cast<std::uint32_t>(descriptor) + (bytes >> 4);
+  return (descriptor & 0xFFFFFFFF00000000ull) | low;
+}
+
 //! Orders this thread's earlier register writes before the warpgroup's next wgmma.
 KVC_DEVICE void wgmma_fence() {
 #if KVC_HAS_WGMMA

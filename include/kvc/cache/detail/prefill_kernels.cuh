@@ -32,6 +32,8 @@ namespace kvc::detail {
 
 //! Threads per block of the prefill allocation kernel.
 inline constexpr int kPrefillAllocThreads = 512;
+//! Page grants a thread of the prefill allocation kernel loads before it stores them.
+inline constexpr int kPrefillAllocBatch = 8;
 //! Threads per block of the prepare and commit kernels.
 inline constexpr int kPrefillThreads = 256;
 //! Chunk tokens per block of the prepare kernel.
@@ -180,19 +182,35 @@ KVC_GLOBAL void __launch_bounds__(kPrefillAllocThreads)
       __syncthreads();
       // Grant e (e < grant_count) goes to the last thread whose rank is <= e: a thread without
       // demand shares its rank with the next thread, so the last one is the one that asked.
+      // kPrefillAllocBatch grants per thread at a time: their pages are all loaded before any
+      // table entry is stored, so the loads are in flight together (one block writes every entry
+      // of its row: at 1 x 4096 tokens, 32 heads, 8192 of them).
       int const grants = static_cast<int>(total < grant_count ? total : grant_count);
-      for (int e = threadIdx.x; e < grants; e += blockDim.x) {
-        int low = 0;
-        int high = static_cast<int>(blockDim.x) - 1;
-        while (low < high) {
-          int const mid = (low + high + 1) / 2;
-          if (first_grant[mid] <= e) {
-            low = mid;
-          } else {
-            high = mid - 1;
+      int const stride = static_cast<int>(blockDim.x);
+      for (int e0 = threadIdx.x; e0 < grants; e0 += kPrefillAllocBatch * stride) {
+        std::int32_t page[kPrefillAllocBatch];
+        std::int64_t entry[kPrefillAllocBatch];
+#pragma unroll
+        for (int j = 0; j < kPrefillAllocBatch; ++j) {
+          int const e = e0 + j * stride;
+          if (e >= grants) continue;
+          page[j] = a.free_stack[grant_base + e];
+          int low = 0;
+          int high = stride - 1;
+          while (low < high) {
+            int const mid = (low + high + 1) / 2;
+            if (first_grant[mid] <= e) {
+              low = mid;
+            } else {
+              high = mid - 1;
+            }
           }
+          entry[j] = table_at[low] + (e - first_grant[low]);
         }
-        a.page_table[table_at[low] + (e - first_grant[low])] = a.free_stack[grant_base + e];
+#pragma unroll
+        for (int j = 0; j < kPrefillAllocBatch; ++j) {
+          if (e0 + j * stride < grants) a.page_table[entry[j]] = page[j];
+        }
       }
       if (demand > 0) {
         int const left = grant_count - rank;
