@@ -126,6 +126,25 @@ TEST_CASE("prefill layout: the shared-memory descriptor's fields") {
   CHECK(wgmma_descriptor(0x12340u + 32u, 8192u, 1024u) == d + 2);
 }
 
+TEST_CASE("prefill layout: a descriptor advanced by a 32-bit add equals the descriptor there") {
+  // wgmma_descriptor_advance adds to the low word only (no carry into the stride and swizzle
+  // fields): equal to the descriptor built at the moved address for every 1024-byte-aligned tile
+  // base of the 227 KB window and every 16-byte offset up to 64 KB (the kernel's k steps and
+  // column blocks stay far below), and the address field never wraps.
+  int checked = 0;
+  for (std::uint32_t base = 0; base < 227u * 1024u; base += 1024u) {
+    for (std::uint32_t offset = 0; offset < 64u * 1024u && base + offset < 227u * 1024u;
+         offset += 16u * 37u) {
+      std::uint64_t const d = wgmma_descriptor(base, 128u * 128u, 1024u);
+      std::uint64_t const moved = kvc::detail::wgmma_descriptor_advance(d, offset);
+      CHECK(moved == wgmma_descriptor(base + offset, 128u * 128u, 1024u));
+      CHECK((moved >> 32) == (d >> 32));
+      ++checked;
+    }
+  }
+  CHECK(checked > 10000);
+}
+
 TEST_CASE("prefill layout: every instance's shared-memory plan") {
   check_plans<__nv_bfloat16, 64>();
   check_plans<__nv_bfloat16, 128>();
