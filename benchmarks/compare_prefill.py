@@ -6,13 +6,16 @@ against the best SDPA backend, with the issue's targets (Full >= 0.60, DMC >= 0.
 Usage: python3 benchmarks/compare_prefill.py DIR
   DIR holds kvc_bench_prefill.json, kvc_bench_prefill_store.json (Google Benchmark output) and
   sdpa_prefill.json.txt (benchmarks/baselines/sdpa_prefill.py), as scripts/gpu-check.sh writes
-  them. Missing files are skipped. Ratios are SDPA time / kvc time (higher is better for kvc).
+  them, or the session.tgz that scripts/device-session.sh packs them into. Missing files are
+  skipped. Ratios are SDPA time / kvc time (higher is better for kvc).
 """
 
 import json
 import os
 import re
 import sys
+import tarfile
+import tempfile
 
 TARGETS = {"full": 0.60, "dmc": 0.50}
 
@@ -55,6 +58,20 @@ def main(argv):
         print("usage: compare_prefill.py DIR", file=sys.stderr)
         return 2
     directory = argv[1]
+    archive = os.path.join(directory, "session.tgz")
+    if not os.path.exists(os.path.join(directory, "kvc_bench_prefill.json")) and os.path.exists(
+        archive
+    ):
+        with tempfile.TemporaryDirectory() as unpacked:
+            with tarfile.open(archive) as tar:
+                names = [m for m in tar.getmembers() if m.isfile() and "/" not in m.name.strip("./")]
+                safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+                tar.extractall(unpacked, members=names, **safe)
+            return report(unpacked)
+    return report(directory)
+
+
+def report(directory):
     attention = medians(os.path.join(directory, "kvc_bench_prefill.json"))
     store = medians(os.path.join(directory, "kvc_bench_prefill_store.json"))
     sdpa = baselines(os.path.join(directory, "sdpa_prefill.json.txt"))
