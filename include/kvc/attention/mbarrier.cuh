@@ -33,26 +33,20 @@ KVC_DEVICE void mbarrier_arrive_on_copies(std::uint32_t barrier) {
 //! sm_90: try_wait (the thread may sleep until the phase completes); sm_80: a test_wait loop.
 KVC_DEVICE void mbarrier_wait(std::uint32_t barrier, int parity) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile(
-      "{\n"
-      ".reg .pred done;\n"
-      "wait_%=:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra wait_%=;\n"
-      "}\n" ::"r"(barrier),
-      "r"(parity)
-      : "memory");
+#define KVC_MBARRIER_POLL "mbarrier.try_wait"
 #else
+#define KVC_MBARRIER_POLL "mbarrier.test_wait"
+#endif
   asm volatile(
       "{\n"
       ".reg .pred done;\n"
-      "wait_%=:\n"
-      "mbarrier.test_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "wait_%=:\n" KVC_MBARRIER_POLL
+      ".parity.shared::cta.b64 done, [%0], %1;\n"
       "@!done bra wait_%=;\n"
       "}\n" ::"r"(barrier),
       "r"(parity)
       : "memory");
-#endif
+#undef KVC_MBARRIER_POLL
 }
 
 //! Barrier `id` (1..15; 0 is __syncthreads) over the first `threads` threads of the CTA.
