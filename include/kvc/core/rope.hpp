@@ -55,8 +55,17 @@ KVC_HOST_DEVICE double rope_inv_freq(int pair, int head_dim, double theta) {
 KVC_HOST_DEVICE void rope_cos_sin_at(double inv_freq, std::int64_t position, float& cos_out,
                                      float& sin_out) {
   double const angle = static_cast<double>(position) * inv_freq;
+#if KVC_IS_DEVICE_CODE
+  // One argument reduction for both (CUDA's sincos gives the values of sin and cos).
+  double sine = 0.0;
+  double cosine = 0.0;
+  sincos(angle, &sine, &cosine);
+  cos_out = static_cast<float>(cosine);
+  sin_out = static_cast<float>(sine);
+#else
   cos_out = static_cast<float>(cos(angle));
   sin_out = static_cast<float>(sin(angle));
+#endif
 }
 
 //! cos and sin of the angle of pair `pair` at position `position`.

@@ -282,58 +282,119 @@ KVC_DEVICE void prefill_refused_inputs(PrefillKernelParams<T> const& p, int row)
   clear(p.buf.visible, hkv, std::uint8_t{0});
 }
 
-//! Full policy, in the prepare kernel: writes the chunk tokens t0 .. t0 + count - 1 of row `rw`
-//! of KV heads h0 .. h1 - 1 into their slots (length + token): the RoPE'd key from k_att
-//! (written by this block before a __syncthreads), the value from v, the position. The head's
-//! length does not change here (the commit kernel sets it after the attention), so the slots
-//! stay invisible until then and a refused or failed step shows nothing. A token whose slot lies
-//! past the head's pages is skipped (the commit kernel reports the head as a protocol error).
-//! 16-byte vectors, kBatch per thread loaded before any is stored.
-template <class T>
-KVC_DEVICE void prefill_write_full_tile(PrefillKernelParams<T> const& p, PrefillRow const& rw,
-                                        int t0, int count, int h0, int h1) {
-  constexpr int kBatch = 4;
+//! Copies `rows` K/V rows into slots of one head with 16-byte vectors spread over the block's
+//! threads: row r (r < rows) is read at element offset source_of(r) of k_src / v_src and written
+//! to slot slot_of(r) (nothing when that is negative); on_row(r, slot_row) runs once per copied
+//! row, by the thread that copies its first vector (positions, scores). Rows are whole 16-byte
+//! vectors: head_dim * sizeof(T) is a multiple of 16 for every supported head dim.
+template <class T, class SlotOf, class SourceOf, class OnRow>
+KVC_DEVICE void prefill_copy_rows(StoreArrays const& a, StoreDims const& dims,
+                                  std::int32_t const* pages, int rows, T const* k_src,
+                                  T const* v_src, SlotOf slot_of, SourceOf source_of,
+                                  OnRow on_row) {
+  int const vectors = dims.head_dim * static_cast<int>(sizeof(T)) / 16;  // per row
+  long long const total = static_cast<long long>(rows) * vectors;
+  for (long long index = threadIdx.x; index < total; index += blockDim.x) {
+    int const r = static_cast<int>(index / vectors);
+    int const c = static_cast<int>(index - static_cast<long long>(r) * vectors);
+    int const slot = slot_of(r);
+    if (slot < 0) continue;
+    std::int64_t const row = dims.slot_row(pages, slot);
+    std::int64_t const source = source_of(r);
+    reinterpret_cast<uint4*>(static_cast<T*>(a.k_pages) + row * dims.head_dim)[c] =
+        reinterpret_cast<uint4 const*>(k_src + source)[c];
+    reinterpret_cast<uint4*>(static_cast<T*>(a.v_pages) + row * dims.head_dim)[c] =
+        reinterpret_cast<uint4 const*>(v_src + source)[c];
+    if (c == 0) on_row(r, row);
+  }
+}
+
+//! Full, H2O and TOVA, in the prepare kernel, when k takes the vector path of rope_rows_share
+//! (rope_rows_vectorised): rotates the keys of chunk tokens t0 .. t0 + count - 1, KV heads
+//! h0 .. h1 - 1, into k_att (rope_rotate_unit: the reference's arithmetic). With `slot_rows`
+//! (Full: [count, h1 - h0], each token's slot row, -1 past the head's pages) it also writes each
+//! rotated key, its value and its position into the token's slot, from the registers that hold
+//! them: the keys are not read back, and the values' loads are in flight with the keys'. The
+//! heads' lengths do not change here (the commit kernel sets them after the attention), so the
+//! slots stay invisible until then and a refused or failed step shows nothing. kBatch units per
+//! thread are loaded before any is stored.
+template <class T, class AngleOf>
+KVC_DEVICE void prefill_rope_keys_tile(PrefillKernelParams<T> const& p, PrefillRow const& rw,
+                                       int t0, int count, int h0, int h1, AngleOf const& angle_of,
+                                       std::int64_t const* slot_rows) {
+  constexpr int kBatch = 1;
+  using Vector = RopeVector<T>;
   StoreArrays const& a = p.arrays;
-  StoreDims const& dims = p.dims;
-  int const d = dims.head_dim;
-  int const hkv = dims.num_kv_heads;
+  int const d = p.dims.head_dim;
+  int const hkv = p.dims.num_kv_heads;
   int const heads = h1 - h0;
-  int const vectors = d * static_cast<int>(sizeof(T)) / 16;  // per row
-  int const total = count * heads * vectors;
+  int const pairs = d / 2;
+  RopeLayout const layout = p.rope.layout;
+  bool const interleaved = layout == RopeLayout::kInterleaved;
+  bool const write_slots = slot_rows != nullptr;
+  int const per_head = rope_units_per_head<T>(d, layout);
+  int const total = count * heads * per_head;
+  int const row_stride = hkv * d;
   int const threads = static_cast<int>(blockDim.x);
-  T const* k_att = static_cast<T const*>(p.buf.k_att);
+  std::int64_t const first = (static_cast<std::int64_t>(rw.begin + t0) * hkv + h0) * d;
+  T const* k_in = p.k + first;  // [count, Hkv, D] from head h0
+  T const* v_in = p.v + first;
+  T* k_out = static_cast<T*>(p.buf.k_att) + first;
+  auto load = [](T const* at) { return *reinterpret_cast<Vector const*>(at); };
+  auto store = [](T* at, Vector const& vector) { *reinterpret_cast<Vector*>(at) = vector; };
   for (int step = threadIdx.x; step < total; step += kBatch * threads) {
-    uint4 key[kBatch], value[kBatch];
-    std::int64_t target[kBatch];  // slot row, or -1
-    int token[kBatch];
+    Vector ka[kBatch], kb[kBatch], va[kBatch], vb[kBatch];
     KVC_UNROLL
     for (int u = 0; u < kBatch; ++u) {
       int const unit = step + u * threads;
-      target[u] = -1;
       if (unit >= total) continue;
-      int const token_head = unit / vectors;  // i * heads + (h - h0)
-      int const c = unit - token_head * vectors;
-      int const i = token_head / heads;
-      int const h = h0 + token_head - i * heads;
-      token[u] = i;
-      // Element offset of the row in the packed [N, Hkv, D] inputs.
-      std::int64_t const source = (static_cast<std::int64_t>(rw.begin + t0 + i) * hkv + h) * d;
-      key[u] = reinterpret_cast<uint4 const*>(k_att + source)[c];
-      value[u] = reinterpret_cast<uint4 const*>(p.v + source)[c];
-      std::int64_t const head = dims.head_index(p.layer, rw.seq, h);
-      std::int32_t const* pages = a.page_table + head * dims.max_pages_per_head;
-      int const slot = a.lengths[head] + t0 + i;
-      if (slot / dims.page_size < a.page_counts[head]) target[u] = dims.slot_row(pages, slot);
+      int const at = rope_unit_at<T>(unit, per_head, heads, row_stride, d).offset;
+      ka[u] = load(k_in + at);
+      if (!interleaved) kb[u] = load(k_in + at + pairs);
+      if (write_slots) {
+        va[u] = load(v_in + at);
+        if (!interleaved) vb[u] = load(v_in + at + pairs);
+      }
     }
     KVC_UNROLL
     for (int u = 0; u < kBatch; ++u) {
-      if (target[u] < 0) continue;
-      int const c = (step + u * threads) % vectors;
-      reinterpret_cast<uint4*>(static_cast<T*>(a.k_pages) + target[u] * d)[c] = key[u];
-      reinterpret_cast<uint4*>(static_cast<T*>(a.v_pages) + target[u] * d)[c] = value[u];
-      if (c == 0) a.position_pages[target[u]] = static_cast<std::int32_t>(rw.first + t0 + token[u]);
+      if (step + u * threads >= total) break;
+      // Recomputed rather than kept from the loads: registers (the kernel is capped at 80).
+      RopeUnit const unit = rope_unit_at<T>(step + u * threads, per_head, heads, row_stride, d);
+      Vector oa, ob;
+      rope_rotate_unit<T>(
+          ka[u], kb[u], unit.dim0, d, -1, layout, [&](int dim) { return angle_of(unit.row, dim); },
+          oa, ob);
+      store(k_out + unit.offset, oa);
+      if (!interleaved) store(k_out + unit.offset + pairs, ob);
+      if (!write_slots) continue;
+      std::int64_t const slot_row = slot_rows[unit.row * heads + unit.head];
+      if (slot_row < 0) continue;
+      T* const k_slot = static_cast<T*>(a.k_pages) + slot_row * d + unit.dim0;
+      T* const v_slot = static_cast<T*>(a.v_pages) + slot_row * d + unit.dim0;
+      store(k_slot, oa);
+      store(v_slot, va[u]);
+      if (!interleaved) {
+        store(k_slot + pairs, ob);
+        store(v_slot + pairs, vb[u]);
+      }
+      if (unit.dim0 == 0) {
+        a.position_pages[slot_row] = static_cast<std::int32_t>(rw.first + t0 + unit.row);
+      }
     }
   }
+}
+
+//! Full, in the prepare kernel: the slot row of chunk token t0 + i of KV head h (length + t0 + i;
+//! -1 past the head's pages: the commit kernel reports the head as a protocol error).
+template <class T>
+KVC_DEVICE std::int64_t prefill_full_slot_row(PrefillKernelParams<T> const& p, PrefillRow const& rw,
+                                              int h, int token) {
+  StoreArrays const& a = p.arrays;
+  std::int64_t const head = p.dims.head_index(p.layer, rw.seq, h);
+  int const slot = a.lengths[head] + token;
+  if (slot / p.dims.page_size >= a.page_counts[head]) return -1;
+  return p.dims.slot_row(a.page_table + head * p.dims.max_pages_per_head, slot);
 }
 
 //! KV heads per block of the prepare kernel: the grid's third dimension splits a row's KV heads
@@ -353,8 +414,9 @@ inline std::size_t prefill_prepare_shared_bytes(StoreDims const& dims, int windo
   std::size_t const d = static_cast<std::size_t>(dims.head_dim);
   std::size_t const span = static_cast<std::size_t>(kPrefillTile) + window + 1;
   std::size_t const warps = kPrefillThreads / 32;
-  return sizeof(float) * (kPrefillTile * d               // cos/sin of the tile
-                          + warps * span)                // each warp's omegas of its decision span
+  return sizeof(std::int64_t) * kPrefillTile * kPrefillPrepareHeads  // Full: the slot rows
+         + sizeof(float) * (kPrefillTile * d                         // cos/sin of the tile
+                            + warps * span)              // each warp's omegas of its decision span
          + sizeof(int) * warps * (span + kPrefillTile);  // its merges, oldest member per token
 }
 
@@ -518,7 +580,7 @@ KVC_DEVICE void prefill_dmc_tile_means(PrefillKernelParams<T> const& p, PrefillR
 //! - q_att: the range's query heads RoPE'd at first + i (DMC: decision dim zeroed before and
 //!   after), 16-byte vectors (rope_rows_share);
 //! - Full/H2O/TOVA: k_att = the range's keys RoPE'd; Full: the chunk's keys, values and
-//!   positions written into their slots past the heads' lengths (prefill_write_full_tile);
+//!   positions written into their slots past the heads' lengths (prefill_rope_keys_tile);
 //! - DMC, one warp per KV head of the range: decisions and omegas of the tile and of the window
 //!   before it; the mask, the prefix lengths; with a window, the partial means P_i
 //!   (prefill_dmc_tile_means), their keys RoPE'd, and the sums of the last token kept as the
@@ -559,13 +621,22 @@ KVC_GLOBAL void __launch_bounds__(kPrefillThreads, kPrefillPrepareMinBlocks)
   int const span = kPrefillTile + window + 1;
   int const warp = static_cast<int>(threadIdx.x) / 32;
   int const lane = static_cast<int>(threadIdx.x) % 32;
-  float* table = prepare_smem;                                      // [tile, D/2, 2]
-  float* omega_s = table + kPrefillTile * d + warp * span;          // [span] of this warp
+  // [tile, heads of the range]: Full's slot rows (prefill_full_slot_row)
+  auto* const slot_rows = reinterpret_cast<std::int64_t*>(prepare_smem);
+  float* table = prepare_smem + 2 * kPrefillTile * kPrefillPrepareHeads;  // [tile, D/2, 2]
+  float* omega_s = table + kPrefillTile * d + warp * span;                // [span] of this warp
   int* merge_s = reinterpret_cast<int*>(table + kPrefillTile * d +  // [span] of this warp
                                         (kPrefillThreads / 32) * span) +
                  warp * (span + kPrefillTile);
   int* oldest_s = merge_s + span;  // [tile] of this warp
 
+  bool const full = !kDmc && p.policy.kind == PolicyKind::kFull;
+  if (full) {  // the slot rows' dependent loads overlap the angles below
+    for (int index = threadIdx.x; index < count * (h1 - h0); index += blockDim.x) {
+      int const i = index / (h1 - h0);
+      slot_rows[index] = prefill_full_slot_row(p, rw, h0 + index - i * (h1 - h0), t0 + i);
+    }
+  }
   // cos and sin of the tile's positions (the pair's inverse frequency once per thread and pair).
   int last_pair = -1;
   double inv_freq = 0.0;
@@ -605,11 +676,26 @@ KVC_GLOBAL void __launch_bounds__(kPrefillThreads, kPrefillPrepareMinBlocks)
   T* k_att = static_cast<T*>(p.buf.k_att);
   if (!dmc) {
     std::int64_t const k_first = (static_cast<std::int64_t>(rw.begin + t0) * hkv + h0) * d;
+    if (rope_rows_vectorised(p.k + k_first, k_att + k_first, d, hkv * d)) {
+      prefill_rope_keys_tile(p, rw, t0, count, h0, h1, angle_of, full ? slot_rows : nullptr);
+      return;
+    }
+    // k not 16-byte aligned: the keys rotated with scalar loads, then copied into the slots.
     rope_rows_share(p.k + k_first, k_att + k_first, count, h1 - h0, hkv * d, d, -1, layout,
                     angle_of, static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x));
-    if (p.policy.kind == PolicyKind::kFull) {
-      __syncthreads();  // this block's k_att rows are written
-      prefill_write_full_tile(p, rw, t0, count, h0, h1);
+    if (!full) return;
+    __syncthreads();  // this block's k_att rows are written
+    for (int h = h0; h < h1; ++h) {
+      std::int64_t const head = dims.head_index(p.layer, rw.seq, h);
+      prefill_copy_rows<T>(
+          a, dims, a.page_table + head * dims.max_pages_per_head, count, k_att, p.v,
+          [&](int i) {
+            return slot_rows[i * (h1 - h0) + h - h0] < 0 ? -1 : a.lengths[head] + t0 + i;
+          },
+          [&](int i) { return (static_cast<std::int64_t>(rw.begin + t0 + i) * hkv + h) * d; },
+          [&](int i, std::int64_t slot_row) {
+            a.position_pages[slot_row] = static_cast<std::int32_t>(rw.first + t0 + i);
+          });
     }
     return;
   }
@@ -753,33 +839,6 @@ KVC_DEVICE void prefill_write_element(StoreArrays const& a, StoreDims const& dim
   std::int64_t const row = dims.slot_row(pages, slot);
   static_cast<T*>(a.k_pages)[row * dims.head_dim + x] = key;
   static_cast<T*>(a.v_pages)[row * dims.head_dim + x] = value;
-}
-
-//! Copies `rows` K/V rows into slots of one head with 16-byte vectors spread over the block's
-//! threads: row r (r < rows) is read at element offset source_of(r) of k_src / v_src and written
-//! to slot slot_of(r) (nothing when that is negative); on_row(r, slot_row) runs once per copied
-//! row, by the thread that copies its first vector (positions, scores). Rows are whole 16-byte
-//! vectors: head_dim * sizeof(T) is a multiple of 16 for every supported head dim.
-template <class T, class SlotOf, class SourceOf, class OnRow>
-KVC_DEVICE void prefill_copy_rows(StoreArrays const& a, StoreDims const& dims,
-                                  std::int32_t const* pages, int rows, T const* k_src,
-                                  T const* v_src, SlotOf slot_of, SourceOf source_of,
-                                  OnRow on_row) {
-  int const vectors = dims.head_dim * static_cast<int>(sizeof(T)) / 16;  // per row
-  long long const total = static_cast<long long>(rows) * vectors;
-  for (long long index = threadIdx.x; index < total; index += blockDim.x) {
-    int const r = static_cast<int>(index / vectors);
-    int const c = static_cast<int>(index - static_cast<long long>(r) * vectors);
-    int const slot = slot_of(r);
-    if (slot < 0) continue;
-    std::int64_t const row = dims.slot_row(pages, slot);
-    std::int64_t const source = source_of(r);
-    reinterpret_cast<uint4*>(static_cast<T*>(a.k_pages) + row * dims.head_dim)[c] =
-        reinterpret_cast<uint4 const*>(k_src + source)[c];
-    reinterpret_cast<uint4*>(static_cast<T*>(a.v_pages) + row * dims.head_dim)[c] =
-        reinterpret_cast<uint4 const*>(v_src + source)[c];
-    if (c == 0) on_row(r, row);
-  }
 }
 
 //! After a commit: returns the pages of a head beyond ceil(length / page_size) to the free stack
@@ -936,7 +995,7 @@ KVC_GLOBAL void __launch_bounds__(kPrefillThreads)
     return ((kv_first + static_cast<std::int64_t>(j) * hkv) + h) * d;
   };
   if (kind == PolicyKind::kFull) {
-    new_length = length + tokens;  // the prepare kernel wrote the slots (prefill_write_full_tile)
+    new_length = length + tokens;  // the prepare kernel wrote the slots (prefill_rope_keys_tile)
   } else if (kind == PolicyKind::kDmc) {
     T const* v_att = static_cast<T const*>(p.buf.v_att);
     std::int32_t const prefix = p.buf.prefix[static_cast<std::int64_t>(row) * hkv + h];

@@ -59,6 +59,67 @@ KVC_HOST_DEVICE bool rope_rows_vectorised(T const* in, T const* out, int d, int 
          row_stride % (2 * kVec) == 0;
 }
 
+//! Where unit `unit` of the vector path lies, for rows of `heads` x `d` elements at `row_stride`
+//! (rope_rows_share): its row, head and first dim, and its element offset (of the A half).
+struct RopeUnit {
+  int row = 0;
+  int head = 0;
+  int dim0 = 0;
+  int offset = 0;
+};
+
+//! Units per (row, head) of the vector path: d / kVec vectors of adjacent pairs (interleaved) or
+//! pairs / kVec vector pairs (rotate-half and none).
+template <class T>
+KVC_HOST_DEVICE int rope_units_per_head(int d, RopeLayout layout) {
+  constexpr int kVec = RopeVector<T>::kSize;
+  return layout == RopeLayout::kInterleaved ? d / kVec : d / 2 / kVec;
+}
+
+//! The RopeUnit of `unit` (rope_units_per_head units per head, `heads` heads per row).
+template <class T>
+KVC_HOST_DEVICE RopeUnit rope_unit_at(int unit, int per_head, int heads, int row_stride, int d) {
+  constexpr int kVec = RopeVector<T>::kSize;
+  RopeUnit u;
+  int const row_head = unit / per_head;
+  u.row = row_head / heads;
+  u.head = row_head - u.row * heads;
+  u.dim0 = (unit - row_head * per_head) * kVec;
+  u.offset = u.row * row_stride + u.head * d + u.dim0;
+  return u;
+}
+
+//! One unit of the vector path rotated: interleaved, `a` holds kVec / 2 adjacent pairs (`b`
+//! unused); otherwise `a` holds dims dim0 .. dim0 + kVec - 1 and `b` their partners d / 2 further.
+//! `angle_of(dim)` gives the angle of dim's pair; rotate_pair's arithmetic element by element.
+template <class T, class AngleOfDim>
+KVC_HOST_DEVICE void rope_rotate_unit(RopeVector<T> const& a, RopeVector<T> const& b, int dim0,
+                                      int d, int decision, RopeLayout layout,
+                                      AngleOfDim const& angle_of, RopeVector<T>& out_a,
+                                      RopeVector<T>& out_b) {
+  constexpr int kVec = RopeVector<T>::kSize;
+  if (layout == RopeLayout::kInterleaved) {
+    KVC_UNROLL
+    for (int m = 0; m < kVec; m += 2) {
+      float r0, r1;
+      rotate_pair(DTypeTraits<T>::to_float(a.x[m]), DTypeTraits<T>::to_float(a.x[m + 1]), dim0 + m,
+                  dim0 + m + 1, d, decision, layout, angle_of(dim0 + m), r0, r1);
+      out_a.x[m] = DTypeTraits<T>::from_float(r0);
+      out_a.x[m + 1] = DTypeTraits<T>::from_float(r1);
+    }
+    return;
+  }
+  int const pairs = d / 2;
+  KVC_UNROLL
+  for (int m = 0; m < kVec; ++m) {
+    float r0, r1;
+    rotate_pair(DTypeTraits<T>::to_float(a.x[m]), DTypeTraits<T>::to_float(b.x[m]), dim0 + m,
+                dim0 + m + pairs, d, decision, layout, angle_of(dim0 + m), r0, r1);
+    out_a.x[m] = DTypeTraits<T>::from_float(r0);
+    out_b.x[m] = DTypeTraits<T>::from_float(r1);
+  }
+}
+
 //! Thread `thread` of `threads`' share of rotating `count` rows of `heads` x `d` elements, `in`
 //! to `out` (not overlapping; row i's heads start at i * row_stride, row_stride >= heads * d:
 //! the rows may be a head range of wider rows). `angle_of(i, dim)` gives the angle of row i's
@@ -73,58 +134,34 @@ KVC_HOST_DEVICE void rope_rows_share(T const* in, T* out, int count, int heads, 
                                      int d, int decision, RopeLayout layout,
                                      AngleOf const& angle_of, int thread, int threads) {
   constexpr int kBatch = 2;
-  constexpr int kVec = RopeVector<T>::kSize;
   using Vector = RopeVector<T>;
   int const pairs = d / 2;
   bool const interleaved = layout == RopeLayout::kInterleaved;
   if (rope_rows_vectorised(in, out, d, row_stride)) {
-    // Units per (row, head): d / kVec vectors of adjacent pairs, or pairs / kVec vector pairs.
-    int const per_head = interleaved ? d / kVec : pairs / kVec;
+    int const per_head = rope_units_per_head<T>(d, layout);
     int const total = count * heads * per_head;
     for (int step = thread; step < total; step += kBatch * threads) {
       Vector va[kBatch], vb[kBatch];
-      int offset[kBatch], row[kBatch], dim0[kBatch];
+      RopeUnit units[kBatch];
       KVC_UNROLL
       for (int u = 0; u < kBatch; ++u) {
         int const unit = step + u * threads;
-        int const row_head = unit / per_head;
-        row[u] = row_head / heads;
-        dim0[u] = (unit - row_head * per_head) * kVec;  // dim of the unit's first element
-        offset[u] = row[u] * row_stride + (row_head - row[u] * heads) * d + dim0[u];
+        units[u] = rope_unit_at<T>(unit, per_head, heads, row_stride, d);
         if (unit < total) {
-          va[u] = *reinterpret_cast<Vector const*>(in + offset[u]);
-          if (!interleaved) vb[u] = *reinterpret_cast<Vector const*>(in + offset[u] + pairs);
+          va[u] = *reinterpret_cast<Vector const*>(in + units[u].offset);
+          if (!interleaved) vb[u] = *reinterpret_cast<Vector const*>(in + units[u].offset + pairs);
         }
       }
       KVC_UNROLL
       for (int u = 0; u < kBatch; ++u) {
-        int const unit = step + u * threads;
-        if (unit >= total) break;
+        if (step + u * threads >= total) break;
+        int const row = units[u].row;
         Vector oa, ob;
-        if (interleaved) {
-          KVC_UNROLL
-          for (int m = 0; m < kVec; m += 2) {
-            float r0, r1;
-            rotate_pair(DTypeTraits<T>::to_float(va[u].x[m]),
-                        DTypeTraits<T>::to_float(va[u].x[m + 1]), dim0[u] + m, dim0[u] + m + 1, d,
-                        decision, layout, angle_of(row[u], dim0[u] + m), r0, r1);
-            oa.x[m] = DTypeTraits<T>::from_float(r0);
-            oa.x[m + 1] = DTypeTraits<T>::from_float(r1);
-          }
-          *reinterpret_cast<Vector*>(out + offset[u]) = oa;
-        } else {
-          KVC_UNROLL
-          for (int m = 0; m < kVec; ++m) {
-            float r0, r1;
-            rotate_pair(DTypeTraits<T>::to_float(va[u].x[m]), DTypeTraits<T>::to_float(vb[u].x[m]),
-                        dim0[u] + m, dim0[u] + m + pairs, d, decision, layout,
-                        angle_of(row[u], dim0[u] + m), r0, r1);
-            oa.x[m] = DTypeTraits<T>::from_float(r0);
-            ob.x[m] = DTypeTraits<T>::from_float(r1);
-          }
-          *reinterpret_cast<Vector*>(out + offset[u]) = oa;
-          *reinterpret_cast<Vector*>(out + offset[u] + pairs) = ob;
-        }
+        rope_rotate_unit<T>(
+            va[u], vb[u], units[u].dim0, d, decision, layout,
+            [&](int dim) { return angle_of(row, dim); }, oa, ob);
+        *reinterpret_cast<Vector*>(out + units[u].offset) = oa;
+        if (!interleaved) *reinterpret_cast<Vector*>(out + units[u].offset + pairs) = ob;
       }
     }
     return;
