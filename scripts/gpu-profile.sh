@@ -20,6 +20,11 @@
 #                    (bench_prefill_store's prefill_store/<key>)
 #   --source-kernel REGEX  the kernel of the --source profiles (default prefill_attention_kernel;
 #                    e.g. prefill_plan_kernel)
+#   --store NAME     a store-prefill benchmark name (prefill_store/<key>): the metrics above for
+#                    every store-side kernel of its first timing (allocate, prepare, DMC scan or
+#                    compact, commit), repeatable
+#   --source-store-kernel REGEX  the kernel of the --source-store profiles (default
+#                    prefill_prepare_kernel; e.g. prefill_commit_kernel)
 # Output: $OUT/profile-<name>.csv ($OUT defaults to ./out); the table last.
 set -uo pipefail
 
@@ -29,6 +34,8 @@ decode=()
 prefill=()
 source=()
 source_store=()
+store=()
+source_store_kernel=prefill_prepare_kernel
 kernels=6
 source_kernel=prefill_attention_kernel
 while (($# > 0)); do
@@ -40,7 +47,10 @@ while (($# > 0)); do
     --source) source+=("${2:?--source needs a name}"); shift ;;
     --source-store) source_store+=("${2:?--source-store needs a name}"); shift ;;
     --source-kernel) source_kernel=${2:?--source-kernel needs a regex}; shift ;;
-    -h | --help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --store) store+=("${2:?--store needs a name}"); shift ;;
+    --source-store-kernel)
+      source_store_kernel=${2:?--source-store-kernel needs a regex}; shift ;;
+    -h | --help) sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu-profile: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -104,13 +114,17 @@ for name in "${source[@]}"; do
   source_profile kvc_bench_prefill "${name}" "${source_kernel}"
 done
 for name in "${source_store[@]}"; do
-  source_profile kvc_bench_prefill_store "${name}" prefill_prepare_kernel
+  source_profile kvc_bench_prefill_store "${name}" "${source_store_kernel}"
 done
 for name in "${decode[@]}"; do
   files+=("$(profile "${build_dir}/benchmarks/kvc_bench_decode" "${name}" 'decode_')")
 done
 for name in "${prefill[@]}"; do
   files+=("$(profile "${build_dir}/benchmarks/kvc_bench_prefill" "${name}" 'prefill_')")
+done
+for name in "${store[@]}"; do
+  files+=("$(profile "${build_dir}/benchmarks/kvc_bench_prefill_store" "${name}" \
+    'prefill_(allocate|prepare|dmc_scan|compact|commit)')")
 done
 python3 - "${files[@]}" << 'EOF'
 import csv, sys

@@ -286,26 +286,46 @@ KVC_DEVICE void prefill_refused_inputs(PrefillKernelParams<T> const& p, int row)
 //! threads: row r (r < rows) is read at element offset source_of(r) of k_src / v_src and written
 //! to slot slot_of(r) (nothing when that is negative); on_row(r, slot_row) runs once per copied
 //! row, by the thread that copies its first vector (positions, scores). Rows are whole 16-byte
-//! vectors: head_dim * sizeof(T) is a multiple of 16 for every supported head dim.
+//! vectors: head_dim * sizeof(T) is a multiple of 16 for every supported head dim. Each thread
+//! loads kCopyBatch vectors of K and of V (and their slot rows) before it stores any, so their
+//! loads are in flight together.
 template <class T, class SlotOf, class SourceOf, class OnRow>
 KVC_DEVICE void prefill_copy_rows(StoreArrays const& a, StoreDims const& dims,
                                   std::int32_t const* pages, int rows, T const* k_src,
                                   T const* v_src, SlotOf slot_of, SourceOf source_of,
                                   OnRow on_row) {
+  constexpr int kCopyBatch = 4;
   int const vectors = dims.head_dim * static_cast<int>(sizeof(T)) / 16;  // per row
-  long long const total = static_cast<long long>(rows) * vectors;
-  for (long long index = threadIdx.x; index < total; index += blockDim.x) {
-    int const r = static_cast<int>(index / vectors);
-    int const c = static_cast<int>(index - static_cast<long long>(r) * vectors);
-    int const slot = slot_of(r);
-    if (slot < 0) continue;
-    std::int64_t const row = dims.slot_row(pages, slot);
-    std::int64_t const source = source_of(r);
-    reinterpret_cast<uint4*>(static_cast<T*>(a.k_pages) + row * dims.head_dim)[c] =
-        reinterpret_cast<uint4 const*>(k_src + source)[c];
-    reinterpret_cast<uint4*>(static_cast<T*>(a.v_pages) + row * dims.head_dim)[c] =
-        reinterpret_cast<uint4 const*>(v_src + source)[c];
-    if (c == 0) on_row(r, row);
+  int const total = rows * vectors;
+  int const threads = static_cast<int>(blockDim.x);
+  for (int step = threadIdx.x; step < total; step += kCopyBatch * threads) {
+    uint4 key[kCopyBatch], value[kCopyBatch];
+    std::int64_t target[kCopyBatch];  // the slot's row, or -1
+    KVC_UNROLL
+    for (int u = 0; u < kCopyBatch; ++u) {
+      int const index = step + u * threads;
+      target[u] = -1;
+      if (index >= total) continue;
+      int const r = index / vectors;
+      int const c = index - r * vectors;
+      int const slot = slot_of(r);
+      if (slot < 0) continue;
+      target[u] = dims.slot_row(pages, slot);
+      std::int64_t const source = source_of(r);
+      key[u] = reinterpret_cast<uint4 const*>(k_src + source)[c];
+      value[u] = reinterpret_cast<uint4 const*>(v_src + source)[c];
+    }
+    KVC_UNROLL
+    for (int u = 0; u < kCopyBatch; ++u) {
+      if (target[u] < 0) continue;
+      int const index = step + u * threads;
+      int const r = index / vectors;
+      int const c = index - r * vectors;
+      reinterpret_cast<uint4*>(static_cast<T*>(a.k_pages) + target[u] * dims.head_dim)[c] = key[u];
+      reinterpret_cast<uint4*>(static_cast<T*>(a.v_pages) + target[u] * dims.head_dim)[c] =
+          value[u];
+      if (c == 0) on_row(r, target[u]);
+    }
   }
 }
 
@@ -479,96 +499,110 @@ KVC_DEVICE void prefill_dmc_tile_means(PrefillKernelParams<T> const& p, PrefillR
   RopeLayout const layout = p.rope.layout;
   bool const interleaved = layout == RopeLayout::kInterleaved;
   int const per_token = d / 2 / kWidth;  // units per token
-  int const units = (t1 - t0) * per_token;
+  // A lane takes one unit of a run of consecutive tokens (run_length of them: the warp's 32
+  // lanes cover the tile's units once when per_token <= 32). While a token's oldest member is
+  // its predecessor's, P_i's left-to-right sum is P_{i-1}'s followed by term i, so the lane adds
+  // one term instead of summing the window again; only a new group or the window's slide starts
+  // the sum over.
+  int const run_length = max(1, min(kPrefillTile, kPrefillTile * per_token / 32));
+  int const runs = (t1 - t0 + run_length - 1) / run_length;
   T* const k_att = static_cast<T*>(p.buf.k_att);
   T* const v_att = static_cast<T*>(p.buf.v_att);
-  for (int unit = lane; unit < units; unit += 32) {
-    int const i = t0 + unit / per_token;
-    int const e = unit - (i - t0) * per_token;
+  for (int item = lane; item < runs * per_token; item += 32) {
+    int const run = item / per_token;
+    int const e = item - run * per_token;
     int const dim_a = interleaved ? 2 * e * kWidth : e * kWidth;
     int const dim_b = interleaved ? dim_a + kWidth : dim_a + d / 2;
+    int const run_begin = t0 + run * run_length;
+    int const run_end = min(t1, run_begin + run_length);
     float sum_ka[kWidth], sum_kb[kWidth], sum_va[kWidth], sum_vb[kWidth];
     float sum_w = 0.0f;
-    bool started = false;
-    for (int j = oldest_s[i - t0]; j <= i; ++j) {
-      float term_ka[kWidth], term_kb[kWidth], term_va[kWidth], term_vb[kWidth];
-      float term_w;
-      if (j < 0) {
-        std::int64_t const cell = head * window + (rw.first + j) % window;
+    int previous_oldest = 0;
+    for (int i = run_begin; i < run_end; ++i) {
+      int const oldest = oldest_s[i - t0];
+      bool started = i > run_begin && oldest == previous_oldest;  // the sums hold P_{i-1}
+      previous_oldest = oldest;
+      for (int j = started ? i : oldest; j <= i; ++j) {
+        float term_ka[kWidth], term_kb[kWidth], term_va[kWidth], term_vb[kWidth];
+        float term_w;
+        if (j < 0) {
+          std::int64_t const cell = head * window + (rw.first + j) % window;
+          KVC_UNROLL
+          for (int m = 0; m < kWidth; ++m) {
+            term_ka[m] = a.dmc_ring_k[cell * d + dim_a + m];
+            term_kb[m] = a.dmc_ring_k[cell * d + dim_b + m];
+            term_va[m] = a.dmc_ring_v[cell * d + dim_a + m];
+            term_vb[m] = a.dmc_ring_v[cell * d + dim_b + m];
+          }
+          term_w = a.dmc_ring_w[cell];
+        } else {
+          std::int64_t const base = ((rw.begin + j) * static_cast<std::int64_t>(hkv) + h) * d;
+          float ka[kWidth], kb[kWidth], va[kWidth], vb[kWidth];
+          prefill_load_floats<T, kWidth>(p.k + base + dim_a, ka);
+          prefill_load_floats<T, kWidth>(p.k + base + dim_b, kb);
+          prefill_load_floats<T, kWidth>(p.v + base + dim_a, va);
+          prefill_load_floats<T, kWidth>(p.v + base + dim_b, vb);
+          term_w = omega_s[j - span_lo];
+          KVC_UNROLL
+          for (int m = 0; m < kWidth; ++m) {
+            term_ka[m] = dmc_term(term_w, ka[m], dim_a + m == decision);
+            term_kb[m] = dmc_term(term_w, kb[m], dim_b + m == decision);
+            term_va[m] = dmc_term(term_w, va[m], false);
+            term_vb[m] = dmc_term(term_w, vb[m], false);
+          }
+        }
         KVC_UNROLL
         for (int m = 0; m < kWidth; ++m) {
-          term_ka[m] = a.dmc_ring_k[cell * d + dim_a + m];
-          term_kb[m] = a.dmc_ring_k[cell * d + dim_b + m];
-          term_va[m] = a.dmc_ring_v[cell * d + dim_a + m];
-          term_vb[m] = a.dmc_ring_v[cell * d + dim_b + m];
+          sum_ka[m] = started ? add_rn(sum_ka[m], term_ka[m]) : term_ka[m];
+          sum_kb[m] = started ? add_rn(sum_kb[m], term_kb[m]) : term_kb[m];
+          sum_va[m] = started ? add_rn(sum_va[m], term_va[m]) : term_va[m];
+          sum_vb[m] = started ? add_rn(sum_vb[m], term_vb[m]) : term_vb[m];
         }
-        term_w = a.dmc_ring_w[cell];
+        sum_w = started ? add_rn(sum_w, term_w) : term_w;
+        started = true;
+      }
+      // Means, keys rotated (rotate_pair zeroes the decision dim before and after), values.
+      float key_a[kWidth], key_b[kWidth], value_a[kWidth], value_b[kWidth];
+      KVC_UNROLL
+      for (int m = 0; m < kWidth; ++m) {
+        value_a[m] = dmc_slot_value(sum_va[m], sum_w);
+        value_b[m] = dmc_slot_value(sum_vb[m], sum_w);
+      }
+      int const local = i - t0;
+      if (!interleaved || kWidth == 1) {
+        KVC_UNROLL
+        for (int m = 0; m < kWidth; ++m) {
+          rotate_pair(dmc_slot_value(sum_ka[m], sum_w), dmc_slot_value(sum_kb[m], sum_w), dim_a + m,
+                      dim_b + m, d, decision, layout, angle_of(local, dim_a + m), key_a[m],
+                      key_b[m]);
+        }
       } else {
-        std::int64_t const base = ((rw.begin + j) * static_cast<std::int64_t>(hkv) + h) * d;
-        float ka[kWidth], kb[kWidth], va[kWidth], vb[kWidth];
-        prefill_load_floats<T, kWidth>(p.k + base + dim_a, ka);
-        prefill_load_floats<T, kWidth>(p.k + base + dim_b, kb);
-        prefill_load_floats<T, kWidth>(p.v + base + dim_a, va);
-        prefill_load_floats<T, kWidth>(p.v + base + dim_b, vb);
-        term_w = omega_s[j - span_lo];
         KVC_UNROLL
-        for (int m = 0; m < kWidth; ++m) {
-          term_ka[m] = dmc_term(term_w, ka[m], dim_a + m == decision);
-          term_kb[m] = dmc_term(term_w, kb[m], dim_b + m == decision);
-          term_va[m] = dmc_term(term_w, va[m], false);
-          term_vb[m] = dmc_term(term_w, vb[m], false);
+        for (int m = 0; m + 1 < kWidth; m += 2) {
+          rotate_pair(dmc_slot_value(sum_ka[m], sum_w), dmc_slot_value(sum_ka[m + 1], sum_w),
+                      dim_a + m, dim_a + m + 1, d, decision, layout, angle_of(local, dim_a + m),
+                      key_a[m], key_a[m + 1]);
+          rotate_pair(dmc_slot_value(sum_kb[m], sum_w), dmc_slot_value(sum_kb[m + 1], sum_w),
+                      dim_b + m, dim_b + m + 1, d, decision, layout, angle_of(local, dim_b + m),
+                      key_b[m], key_b[m + 1]);
         }
       }
-      KVC_UNROLL
-      for (int m = 0; m < kWidth; ++m) {
-        sum_ka[m] = started ? add_rn(sum_ka[m], term_ka[m]) : term_ka[m];
-        sum_kb[m] = started ? add_rn(sum_kb[m], term_kb[m]) : term_kb[m];
-        sum_va[m] = started ? add_rn(sum_va[m], term_va[m]) : term_va[m];
-        sum_vb[m] = started ? add_rn(sum_vb[m], term_vb[m]) : term_vb[m];
+      std::int64_t const base = ((rw.begin + i) * static_cast<std::int64_t>(hkv) + h) * d;
+      prefill_store_floats<T, kWidth>(k_att + base + dim_a, key_a);
+      prefill_store_floats<T, kWidth>(k_att + base + dim_b, key_b);
+      prefill_store_floats<T, kWidth>(v_att + base + dim_a, value_a);
+      prefill_store_floats<T, kWidth>(v_att + base + dim_b, value_b);
+      if (i == rw.tokens - 1) {
+        std::int64_t const seed = (static_cast<std::int64_t>(row) * hkv + h) * d;
+        KVC_UNROLL
+        for (int m = 0; m < kWidth; ++m) {
+          p.buf.seed_k[seed + dim_a + m] = sum_ka[m];
+          p.buf.seed_k[seed + dim_b + m] = sum_kb[m];
+          p.buf.seed_v[seed + dim_a + m] = sum_va[m];
+          p.buf.seed_v[seed + dim_b + m] = sum_vb[m];
+        }
+        if (e == 0) p.buf.seed_w[static_cast<std::int64_t>(row) * hkv + h] = sum_w;
       }
-      sum_w = started ? add_rn(sum_w, term_w) : term_w;
-      started = true;
-    }
-    // Means, keys rotated (rotate_pair zeroes the decision dim before and after), values.
-    float key_a[kWidth], key_b[kWidth], value_a[kWidth], value_b[kWidth];
-    KVC_UNROLL
-    for (int m = 0; m < kWidth; ++m) {
-      value_a[m] = dmc_slot_value(sum_va[m], sum_w);
-      value_b[m] = dmc_slot_value(sum_vb[m], sum_w);
-    }
-    int const local = i - t0;
-    if (!interleaved || kWidth == 1) {
-      KVC_UNROLL
-      for (int m = 0; m < kWidth; ++m) {
-        rotate_pair(dmc_slot_value(sum_ka[m], sum_w), dmc_slot_value(sum_kb[m], sum_w), dim_a + m,
-                    dim_b + m, d, decision, layout, angle_of(local, dim_a + m), key_a[m], key_b[m]);
-      }
-    } else {
-      KVC_UNROLL
-      for (int m = 0; m + 1 < kWidth; m += 2) {
-        rotate_pair(dmc_slot_value(sum_ka[m], sum_w), dmc_slot_value(sum_ka[m + 1], sum_w),
-                    dim_a + m, dim_a + m + 1, d, decision, layout, angle_of(local, dim_a + m),
-                    key_a[m], key_a[m + 1]);
-        rotate_pair(dmc_slot_value(sum_kb[m], sum_w), dmc_slot_value(sum_kb[m + 1], sum_w),
-                    dim_b + m, dim_b + m + 1, d, decision, layout, angle_of(local, dim_b + m),
-                    key_b[m], key_b[m + 1]);
-      }
-    }
-    std::int64_t const base = ((rw.begin + i) * static_cast<std::int64_t>(hkv) + h) * d;
-    prefill_store_floats<T, kWidth>(k_att + base + dim_a, key_a);
-    prefill_store_floats<T, kWidth>(k_att + base + dim_b, key_b);
-    prefill_store_floats<T, kWidth>(v_att + base + dim_a, value_a);
-    prefill_store_floats<T, kWidth>(v_att + base + dim_b, value_b);
-    if (i == rw.tokens - 1) {
-      std::int64_t const seed = (static_cast<std::int64_t>(row) * hkv + h) * d;
-      KVC_UNROLL
-      for (int m = 0; m < kWidth; ++m) {
-        p.buf.seed_k[seed + dim_a + m] = sum_ka[m];
-        p.buf.seed_k[seed + dim_b + m] = sum_kb[m];
-        p.buf.seed_v[seed + dim_a + m] = sum_va[m];
-        p.buf.seed_v[seed + dim_b + m] = sum_vb[m];
-      }
-      if (e == 0) p.buf.seed_w[static_cast<std::int64_t>(row) * hkv + h] = sum_w;
     }
   }
 }
@@ -1004,15 +1038,33 @@ KVC_GLOBAL void __launch_bounds__(kPrefillThreads)
     // last append (flags are bytes: a few thousand loads).
     int const lo = min(tokens, split * p.commit_split);
     int const hi = min(tokens, lo + p.commit_split);
+    // kFlagBatch tokens' flags per thread loaded before any is used; one atomicMax per warp.
+    constexpr int kFlagBatch = 8;
     long long before = 0;
     long long all = 0;
-    for (int j = threadIdx.x; j < tokens; j += blockDim.x) {
-      std::int64_t const token_row = kv_first + static_cast<std::int64_t>(j) * hkv + h;
-      int const flag = p.buf.visible[token_row];
-      all += flag;
-      before += j < lo ? flag : 0;
-      if (p.buf.merge[token_row] == 0) atomicMax(&last_append, j);
+    int append = -1;
+    int const threads = static_cast<int>(blockDim.x);
+    for (int j0 = threadIdx.x; j0 < tokens; j0 += kFlagBatch * threads) {
+      std::uint8_t visible[kFlagBatch], merge[kFlagBatch];
+      KVC_UNROLL
+      for (int u = 0; u < kFlagBatch; ++u) {
+        int const j = j0 + u * threads;
+        std::int64_t const token_row = kv_first + static_cast<std::int64_t>(j) * hkv + h;
+        visible[u] = j < tokens ? p.buf.visible[token_row] : 0;
+        merge[u] = j < tokens ? p.buf.merge[token_row] : 1;
+      }
+      KVC_UNROLL
+      for (int u = 0; u < kFlagBatch; ++u) {
+        int const j = j0 + u * threads;
+        all += visible[u];
+        before += j < lo ? visible[u] : 0;
+        if (merge[u] == 0) append = j;  // j grows with u
+      }
     }
+    for (int offset = 16; offset > 0; offset /= 2) {
+      append = max(append, __shfl_xor_sync(0xffffffffu, append, offset));
+    }
+    if (threadIdx.x % 32 == 0 && append >= 0) atomicMax(&last_append, append);
     before = block_sum(before, scratch);
     all = block_sum(all, scratch);  // its barriers also order last_append
     long long kept = before;
