@@ -45,6 +45,7 @@ struct PrefillCase {
   int decode_steps = 4;
   double merge_probability = 0.8;  //!< DMC: chance that a token merges
   int num_pages = 0;               //!< 0: enough for everything
+  bool unaligned_qk = false;       //!< q and k one element past 16-byte alignment (scalar paths)
 };
 
 PagedStoreConfig prefill_config(PrefillCase const& c, DType dtype) {
@@ -138,8 +139,18 @@ bool run_prefill_case(PrefillCase const& c, std::mt19937_64& rng) {
   // Padding rows past cu_tokens[batch] must be neither read nor written: one extra row.
   std::size_t const rows =
       std::max(static_cast<std::size_t>(max_total) + 1, static_cast<std::size_t>(seqs));
-  test::DeviceBuffer<T> q_dev(rows * q_row), k_dev(rows * kv_row), v_dev(rows * kv_row),
-      out_dev(rows * q_row);
+  // q and k start `shift` elements into their buffers (unaligned_qk: the prepare kernel's scalar
+  // RoPE, Full's copy into the slots after it, DMC's scalar means).
+  std::size_t const shift = c.unaligned_qk ? 1 : 0;
+  test::DeviceBuffer<T> q_dev(rows * q_row + shift), k_dev(rows * kv_row + shift),
+      v_dev(rows * kv_row), out_dev(rows * q_row);
+  T* const q_in = q_dev.data() + shift;
+  T* const k_in = k_dev.data() + shift;
+  auto upload_shifted = [&](test::DeviceBuffer<T>& buffer, std::vector<float> const& values) {
+    std::vector<T> storage = test::to_storage<T>(values);
+    storage.insert(storage.begin(), shift, DTypeTraits<T>::from_float(0.5f));
+    buffer.upload(storage, stream.get());
+  };
   test::DeviceBuffer<float> lse_dev(rows * hq);
   // Random inputs of `count` rows (DMC: decisions clear of the threshold), uploaded to the device.
   auto draw_inputs = [&](std::size_t count) {
@@ -150,8 +161,8 @@ bool run_prefill_case(PrefillCase const& c, std::mt19937_64& rng) {
     if (config.has_dmc_state()) {
       shape_decisions(rng, spec, config.policy.dmc, c.merge_probability, in.k);
     }
-    q_dev.upload(test::to_storage<T>(in.q), stream.get());
-    k_dev.upload(test::to_storage<T>(in.k), stream.get());
+    upload_shifted(q_dev, in.q);
+    upload_shifted(k_dev, in.k);
     v_dev.upload(test::to_storage<T>(in.v), stream.get());
     return in;
   };
@@ -186,8 +197,8 @@ bool run_prefill_case(PrefillCase const& c, std::mt19937_64& rng) {
       out_dev.poison(stream.get());
       lse_dev.poison(stream.get());
       workspace.poison(stream.get());
-      KVC_STATUS_REQUIRE(prefill_layer<T>(store, l, q_dev.data(), k_dev.data(), v_dev.data(),
-                                          chunks, out_dev.data(), lse_dev.data(), workspace.data(),
+      KVC_STATUS_REQUIRE(prefill_layer<T>(store, l, q_in, k_in, v_dev.data(), chunks,
+                                          out_dev.data(), lse_dev.data(), workspace.data(),
                                           workspace_bytes, stream.get()));
       std::vector<float> const out = test::to_floats(out_dev.download(stream.get(), rows * q_row));
       std::vector<float> const lse = lse_dev.download(stream.get(), rows * hq);
@@ -258,8 +269,8 @@ bool run_prefill_case(PrefillCase const& c, std::mt19937_64& rng) {
     KVC_STATUS_REQUIRE(store.prepare_decode_step(slots_dev.data(), seqs, stream.get()));
     for (int l = 0; l < layers; ++l) {
       Inputs const in = draw_inputs(static_cast<std::size_t>(seqs));
-      KVC_STATUS_REQUIRE(store.update<T>(l, q_dev.data(), k_dev.data(), v_dev.data(),
-                                         slots_dev.data(), seqs, q_out.data(), stream.get()));
+      KVC_STATUS_REQUIRE(store.update<T>(l, q_in, k_in, v_dev.data(), slots_dev.data(), seqs,
+                                         q_out.data(), stream.get()));
       ReferenceDecodeParams<T> attention;
       KVC_STATUS_REQUIRE(store.layer_view<T>(l, attention.cache));
       attention.q = q_out.data();
@@ -366,6 +377,15 @@ std::vector<PrefillCase> prefill_cases(DType dtype) {
                 sized(mixed_rounds({500, 40}, {7, 300}), mixed_rounds({48, 20}, {7, 40})));
   merging.merge_probability = 0.97;
   cases.push_back(merging);
+  // q and k not 16-byte aligned: the scalar RoPE of the prepare kernel, then (Full) the copy of
+  // the rotated keys into the slots, and (DMC) the scalar partial means.
+  for (PolicyKind kind : {PolicyKind::kFull, PolicyKind::kDmc}) {
+    PrefillCase unaligned = make_case(
+        "unaligned q k", kind, 2, 16, 64,
+        sized(mixed_rounds({90, 17, 1}, {33, 1, 60}), mixed_rounds({30, 17, 1}, {9, 1, 20})));
+    unaligned.unaligned_qk = true;
+    cases.push_back(unaligned);
+  }
   // H2O without a recent window, TOVA protecting the newcomer (prefill ignores it).
   PrefillCase h2o =
       make_case("h2o no recent", PolicyKind::kH2O, 4, 16, 64,
