@@ -277,20 +277,27 @@ void check_against(PagedLayer const& layer, Expected const& expected, std::strin
   kvc::test::require_close(kvc::test::decode_elements(out_bytes, c.dtype), expected.out,
                            kvc::default_tolerance(c.dtype), what + " out");
 
+  // LSE values against the reference's natural LSE times `scale` (1, or log2(e) for the score
+  // LSE of the log2-logit form), with the natural LSE's tolerance scaled alike; -inf where the
+  // reference has -inf.
+  auto check_lse = [&](std::vector<float> const& got, double scale, char const* label) {
+    std::size_t mismatches = 0;
+    for (std::size_t i = 0; i < rows; ++i) {
+      double const natural = expected.lse[i];
+      double const want = natural * scale;
+      bool const ok = std::isinf(natural)
+                          ? std::isinf(got[i]) && got[i] < 0.0f
+                          : std::abs(got[i] - want) <= (5e-4 + 1e-4 * std::abs(natural)) * scale;
+      if (!ok && mismatches++ < 5)
+        FAIL_CHECK(what << " " << label << "[" << i << "]: got " << got[i] << ", expected "
+                        << want);
+    }
+    REQUIRE_MESSAGE(mismatches == 0,
+                    what << ": " << mismatches << " " << label << " values differ");
+  };
   std::vector<float> lse(rows);
   layer.d_lse.download(lse.data(), rows * sizeof(float));
-  std::size_t lse_mismatches = 0;
-  for (std::size_t i = 0; i < rows; ++i) {
-    bool ok;
-    if (std::isinf(expected.lse[i])) {
-      ok = std::isinf(lse[i]) && lse[i] < 0.0f;
-    } else {
-      ok = std::abs(lse[i] - expected.lse[i]) <= 5e-4 + 1e-4 * std::abs(expected.lse[i]);
-    }
-    if (!ok && lse_mismatches++ < 5)
-      FAIL_CHECK(what << " lse[" << i << "]: got " << lse[i] << ", expected " << expected.lse[i]);
-  }
-  REQUIRE_MESSAGE(lse_mismatches == 0, what << ": " << lse_mismatches << " LSE values differ");
+  check_lse(lse, 1.0, "lse");
 
   if (!c.probs) return;
   std::vector<float> probs(rows * layer.probs_stride);
@@ -298,20 +305,8 @@ void check_against(PagedLayer const& layer, Expected const& expected, std::strin
   bool const log2_form = c.score_form == kvc::ScoreForm::kLog2Logits;
   std::vector<float> score_lse(rows);
   if (log2_form) {
-    // The LSE beside the logits, in log2 units: the natural LSE's tolerance, scaled.
     layer.d_score_lse.download(score_lse.data(), rows * sizeof(float));
-    constexpr double kLog2e = 1.4426950408889634;
-    int mismatches = 0;
-    for (std::size_t i = 0; i < rows; ++i) {
-      double const want = expected.lse[i] * kLog2e;
-      bool const ok = std::isinf(expected.lse[i]) ? std::isinf(score_lse[i]) && score_lse[i] < 0.0f
-                                                  : std::abs(score_lse[i] - want) <=
-                                                        (5e-4 + 1e-4 * std::abs(want)) * kLog2e;
-      if (!ok && mismatches++ < 5)
-        FAIL_CHECK(what << " score lse[" << i << "]: got " << score_lse[i] << ", expected "
-                        << want);
-    }
-    REQUIRE_MESSAGE(mismatches == 0, what << ": " << mismatches << " score LSE values differ");
+    check_lse(score_lse, 1.4426950408889634, "score lse");
   }
   std::vector<float> got, want;
   for (std::size_t r = 0; r < rows; ++r) {

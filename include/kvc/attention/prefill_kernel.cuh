@@ -672,7 +672,7 @@ KVC_GLOBAL void __launch_bounds__(PrefillTraits<T, kHeadDim, kGroupSize>::kThrea
       if (index >= num_items) break;
       PrefillWorkItem const item = ws.items[index];
       int const kv_head = item.pair % hkv;
-      int const tiles = (item.end - item.begin + kKeys - 1) / kKeys;
+      int const tiles = tiles_of(item);
       std::int32_t const* pages = pages_of(item);
       load_q(q_tile, item, tid);
       fill_limits(s_limits, item, tid);  // read after the barriers below
