@@ -94,7 +94,8 @@ bool run_prefill_case(PrefillCase const& c, std::mt19937_64& rng) {
   reference::LayerSpec const spec = test::layer_spec(config);
   INFO("case " << std::string(c.name) << " dtype " << std::string(dtype_name(dtype)) << " G "
                << c.group << " page " << c.page_size << " D " << c.head_dim << " policy "
-               << std::string(policy_name(c.policy.kind)));
+               << std::string(policy_name(c.policy.kind)) << " rope "
+               << rope_layout_name(c.rope.layout));
   REQUIRE(config.validate() == Status::kSuccess);
   if (!prefill_attention_supported(dtype, c.head_dim, c.group)) {
     MESSAGE("no prefill attention instance for this shape: case skipped");
@@ -363,6 +364,11 @@ std::vector<PrefillCase> prefill_cases(DType dtype) {
     c.policy.h2o = full ? H2OConfig{48, 16} : H2OConfig{12, 4};
     c.policy.tova = TovaConfig{full ? 64 : 16, false};
     if (c.group == 8) c.kv_heads = 1;
+    // Every RoPE layout through each policy's prepare path (Full's keys written into their slots
+    // from registers, DMC's partial means, H2O/TOVA's rotated keys): rotate-half at G = 1,
+    // interleaved at G = 4, none at G = 8.
+    if (c.group == 4) c.rope.layout = RopeLayout::kInterleaved;
+    if (c.group == 8) c.rope.layout = RopeLayout::kNone;
   }
   // DMC without a window (paper mode, interleaved RoPE), and long runs of merges.
   PrefillCase paper = make_case(
